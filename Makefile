@@ -1,0 +1,50 @@
+# The README's two commands, and the set-up they need on a fresh machine.
+#   make quickstart   set up, then run the main job on the built-in default
+#   make test         set up, then run the whole test suite
+PYTHON ?= python3
+# The CPU build of torch this project's machines use; installed only when no torch is importable
+# (an unpinned torch would pull a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+BENCH_RUN ?= cpu-$(shell date +%Y-%m-%d)
+
+.PHONY: quickstart test install setup bench asan-test inplace nvcc-check clean
+
+quickstart: install
+	$(PYTHON) -m rlengine.cli quickstart
+
+test: install
+	$(PYTHON) -m pytest
+
+# Build deps, then the package itself, editable and without build isolation, so the extension
+# is compiled against the torch that will run it.
+install: setup
+	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install "scikit-build-core>=0.10" "cmake>=3.25" ninja
+
+# Benchmarks: results (JSON and a markdown table of ratios) under bench/results/.
+bench: install
+	$(PYTHON) -m pytest bench -q --benchmark-json=bench/results/$(BENCH_RUN).json
+	$(PYTHON) bench/report.py bench/results/$(BENCH_RUN).json > bench/results/$(BENCH_RUN).md
+	@cat bench/results/$(BENCH_RUN).md
+
+# The op tests against an extension built with AddressSanitizer (a separate build directory).
+# libasan must be loaded before Python; leak checking is off because CPython itself leaks at exit.
+asan-test: setup
+	RLENGINE_SANITIZE=address $(PYTHON) -m pip install --no-build-isolation -e . \
+		-Cbuild-dir=build/asan
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(PYTHON) -m pip install --no-build-isolation -e .
+
+# For working in several git worktrees at once: build rlengine/_C*.so in place, without pip
+# (do not combine with `make install`, whose import hook would take precedence).
+inplace:
+	cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$$(which $(PYTHON))
+	cmake --build build/inplace
+	cp build/inplace/_C*.so rlengine/
+
+clean:
+	rm -rf build dist *.egg-info rlengine/_C*.so

@@ -1,0 +1,54 @@
+"""Shared test helpers: tolerances (kept as data) and comparisons with the float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# (atol, rtol) of a kernel's fp32 result against the float64 reference evaluated on the same
+# input values (inputs are cast to float64 exactly, so these measure the kernel's arithmetic).
+FORWARD_TOLERANCE = {
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-5),
+    torch.float64: (1e-10, 1e-10),
+}
+
+# Gradients come back in the input's dtype, so they carry its rounding error as well; the atol
+# covers fp32 rounding of terms scaled by incoming gradients of size ~1-10.
+GRADIENT_TOLERANCE = {
+    torch.float32: (1e-5, 2e-5),
+    torch.bfloat16: (1e-5, 1.6e-2),
+    torch.float16: (1e-5, 2e-3),
+    torch.float64: (1e-12, 1e-10),
+}
+
+
+def to64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+# Unit roundoff of the fp32 arithmetic inside the kernels.
+FP32_EPS = 2.0**-24
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *,
+                   gradient: bool = False, what: str = "", extra_atol: float = 0.0) -> None:
+    """actual (a kernel's output or gradient) equals the float64 reference within the
+    tolerance of the input dtype, plus extra_atol for errors that scale with the inputs'
+    magnitude; NaNs must sit in the same places."""
+    atol, rtol = (GRADIENT_TOLERANCE if gradient else FORWARD_TOLERANCE)[dtype]
+    atol += extra_atol
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(actual.detach().to(torch.float64), expected.detach(), atol=atol,
+                               rtol=rtol, equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other column of a wider tensor)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view

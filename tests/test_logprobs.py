@@ -1,0 +1,277 @@
+"""rlengine.ops.token_logprobs against reference.token_logprobs evaluated in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DTYPES, FP32_EPS, assert_matches, to64
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rlengine import ops
+from rlengine.ops import reference
+
+IGNORE = -100
+
+
+def _labels(shape, vocab, ignore_fraction=0.2):
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignore_fraction] = IGNORE
+    return labels
+
+
+def _check_forward_backward(logits, labels, *, temperature=1.0, ignore_index=IGNORE,
+                            with_entropy=True):
+    """Kernel forward and backward (with random incoming gradients for both outputs) equal
+    the float64 reference's, within the tolerance of logits.dtype."""
+    dtype = logits.dtype
+    # fp32 arithmetic on z = logits / temperature is exact to about eps * |z| (absolute), which
+    # matters for the adversarial rows with |z| ~ 1e4 (log_softmax in fp32 would do no better).
+    finite = logits.double()[torch.isfinite(logits)]
+    magnitude = float(finite.abs().max()) / temperature if finite.numel() else 0.0
+    slack = 0.0 if dtype == torch.float64 else 16 * FP32_EPS * magnitude
+    x = logits.detach().clone().requires_grad_()
+    x64 = to64(logits).requires_grad_()
+    kwargs = dict(temperature=temperature, ignore_index=ignore_index)
+    out = ops.token_logprobs(x, labels, with_entropy=with_entropy, **kwargs)
+    ref = reference.token_logprobs(x64, labels, with_entropy=with_entropy, **kwargs)
+    out = out if with_entropy else (out,)
+    ref = ref if with_entropy else (ref,)
+    for name, o, r in zip(("logprobs", "entropy"), out, ref):
+        assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_matches(o, r, dtype, what=name, extra_atol=slack)
+    grads = [torch.randn(labels.shape, dtype=torch.float64) for _ in out]
+    finite = [torch.where(torch.isfinite(r), g, 0) for r, g in zip(ref, grads)]
+    torch.autograd.backward([o for o in out], [g.to(o.dtype) for o, g in zip(out, finite)])
+    torch.autograd.backward(list(ref), finite)
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    largest_grad = max((float(g.abs().max()) for g in finite if g.numel()), default=0.0)
+    assert_matches(x.grad, x64.grad, dtype, gradient=True, what="grad logits",
+                   extra_atol=slack * largest_grad / temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 7), (5, 31), (17, 2049), (4, 2, 4099),
+                                   (6, 32003)])
+def test_matches_reference(shape, dtype):
+    logits = (torch.randn(shape) * 4).to(dtype)
+    _check_forward_backward(logits, _labels(shape[:-1], shape[-1]), temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocabulary(dtype):
+    vocab = 128256
+    logits = (torch.randn(3, vocab) * 2).to(dtype)
+    _check_forward_backward(logits, _labels((3,), vocab, 0.0))
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
+def test_temperature_and_outputs(temperature, with_entropy):
+    logits = torch.randn(9, 300) * 3
+    _check_forward_backward(logits, _labels((9,), 300), temperature=temperature,
+                            with_entropy=with_entropy)
+
+
+def test_strided_logits_are_read_in_place():
+    # logits[:, :-1] of a causal LM: leading dims strided, vocabulary contiguous.
+    full = torch.randn(3, 8, 513)
+    logits = full[:, :-1]
+    assert not logits.is_contiguous()
+    _check_forward_backward(logits, _labels((3, 7), 513))
+    # A vocabulary dimension with stride != 1 is copied, with the same results.
+    transposed = torch.randn(513, 6).t()
+    _check_forward_backward(transposed, _labels((6,), 513))
+
+
+def test_labels_noncontiguous_and_int32():
+    logits = torch.randn(7, 50)
+    labels = _labels((7, 2), 50)[:, 0]
+    assert not labels.is_contiguous()
+    _check_forward_backward(logits, labels.to(torch.int32))
+
+
+def test_ignored_positions_are_exactly_zero():
+    logits = torch.randn(6, 40, requires_grad=True)
+    labels = torch.full((6,), 7)
+    labels[[1, 4]] = IGNORE
+    logprobs, entropy = ops.token_logprobs(logits, labels, with_entropy=True)
+    assert logprobs[[1, 4]].eq(0).all() and entropy[[1, 4]].eq(0).all()
+    (logprobs.sum() + entropy.sum()).backward()
+    assert logits.grad[[1, 4]].eq(0).all()
+    assert logits.grad[[0, 2, 3, 5]].ne(0).any(dim=1).all()
+
+
+def test_custom_ignore_index():
+    logits = torch.randn(5, 11)
+    labels = torch.tensor([0, 3, 10, 3, 1])
+    out = ops.token_logprobs(logits, labels, ignore_index=3)
+    assert out[1] == 0 and out[3] == 0
+    torch.testing.assert_close(out, reference.token_logprobs(logits, labels, ignore_index=3))
+
+
+def test_every_position_ignored_and_empty_batch():
+    logits = torch.randn(4, 9, requires_grad=True)
+    out, entropy = ops.token_logprobs(logits, torch.full((4,), IGNORE), with_entropy=True)
+    assert out.eq(0).all() and entropy.eq(0).all()
+    (out.sum() + entropy.sum()).backward()
+    assert logits.grad.eq(0).all()
+    empty = torch.randn(0, 9, requires_grad=True)
+    lp, ent = ops.token_logprobs(empty, torch.zeros(0, dtype=torch.long), with_entropy=True)
+    assert lp.shape == (0,) and ent.shape == (0,)
+    lp.sum().backward()
+    assert empty.grad.shape == (0, 9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adversarial_values(dtype):
+    vocab = 2053
+    logits = torch.randn(8, vocab) * 2
+    labels = torch.randint(0, vocab, (8,))
+    logits[0] = -math.inf                                # all -inf: NaN, as log_softmax gives
+    logits[1, labels[1]] = -math.inf                     # -inf label logit: -inf log-prob
+    logits[2, ::3] = -math.inf                           # many -inf logits: finite entropy
+    logits[3] = torch.randn(vocab) * 1e4                 # huge magnitudes
+    logits[4] = 1e4 * torch.sign(torch.randn(vocab))
+    logits[5] = 0.0                                      # uniform: entropy log V
+    logits[6, 17] = 1e4                                  # one-hot: entropy 0, log-prob -1e4
+    logits[7, :-1] = -math.inf                           # only the last token possible
+    logits = logits.to(dtype)                            # all of these fit float16 too
+    _check_forward_backward(logits, labels)
+    lp, ent = ops.token_logprobs(logits, labels, with_entropy=True)
+    assert torch.isnan(lp[0]) and torch.isnan(ent[0])
+    assert lp[1] == -math.inf and math.isfinite(ent[1])
+    assert abs(ent[5] - math.log(vocab)) < 1e-4
+
+
+def test_nan_and_posinf_rows_are_nan():
+    logits = torch.randn(3, 100)
+    logits[0, 5] = math.nan
+    logits[1, 9] = math.inf
+    lp, ent = ops.token_logprobs(logits, torch.tensor([1, 2, 3]), with_entropy=True)
+    assert torch.isnan(lp[:2]).all() and torch.isnan(ent[:2]).all()
+    assert torch.isfinite(lp[2]) and torch.isfinite(ent[2])
+
+
+def test_no_vocabulary_sized_temporaries():
+    """The forward allocates only its O(N) outputs (measured by the profiler's allocator
+    events): no N x V float32 temporary, whatever the logits dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(64, 4096).bfloat16()
+    labels = torch.randint(0, 4096, (64,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ops.token_logprobs(logits, labels, with_entropy=True)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    largest = max((e.nbytes() for e in events), default=0)
+    assert largest <= 64 * 8 * 4, f"largest allocation {largest} bytes"
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
+    labels = _labels((4, 3), 7)
+
+    def both(x):
+        return ops.token_logprobs(x, labels, temperature=0.8, with_entropy=True)
+
+    assert torch.autograd.gradcheck(both, (logits,))
+    assert torch.autograd.gradcheck(lambda x: ops.token_logprobs(x, labels), (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_opcheck(dtype, with_entropy):
+    logits = torch.randn(3, 5, 37).to(dtype).requires_grad_()
+    labels = _labels((3, 5), 37)
+    torch.library.opcheck(torch.ops.rlengine.token_logprobs.default,
+                          (logits, labels, 0.9, IGNORE, with_entropy))
+    lse = torch.logsumexp(logits.detach().float() / 0.9, -1)
+    entropy = torch.rand(3, 5)
+    torch.library.opcheck(torch.ops.rlengine.token_logprobs_backward.default,
+                          (torch.randn(3, 5), torch.randn(3, 5), logits.detach(), labels, lse,
+                           entropy, 0.9, IGNORE))
+
+
+def test_compiles_fullgraph():
+    def loss(x, y):
+        lp, ent = ops.token_logprobs(x[:, :-1], y[:, 1:], temperature=0.9, with_entropy=True)
+        return (lp * 2 + 0.1 * ent).sum()
+
+    x = torch.randn(2, 6, 33, requires_grad=True)
+    y = _labels((2, 6), 33)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    expected = loss(x, y)
+    (g_expected,) = torch.autograd.grad(expected, x)
+    actual = compiled(x, y)
+    (g_actual,) = torch.autograd.grad(actual, x)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(g_actual, g_expected)
+
+
+# ---- property tests: fresh adversarial inputs ---------------------------------------------
+
+SPECIALS = st.sampled_from([0.0, -math.inf, 1e4, -1e4, 30.0, -30.0, 1e-30])
+
+
+@st.composite
+def logits_and_labels(draw):
+    rows = draw(st.integers(0, 6))
+    vocab = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    logits = torch.randn(rows, vocab, dtype=torch.float64) * scale
+    for _ in range(draw(st.integers(0, 8))):           # sprinkle special values
+        if rows:
+            r, c = draw(st.integers(0, rows - 1)), draw(st.integers(0, vocab - 1))
+            logits[r, c] = draw(SPECIALS)
+    if rows and draw(st.booleans()):                     # a whole row of -inf
+        logits[draw(st.integers(0, rows - 1))] = -math.inf
+    labels = torch.randint(0, vocab, (rows,))
+    labels[torch.rand(rows) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = IGNORE
+    temperature = draw(st.sampled_from([1.0, 0.5, 3.0]))
+    return logits.to(dtype), labels, temperature
+
+
+@given(logits_and_labels())
+def test_property_matches_reference(case):
+    logits, labels, temperature = case
+    _check_forward_backward(logits, labels, temperature=temperature)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_args, error, fragment", [
+    (lambda: (torch.randn(4, 10), torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda: (torch.randn(4, 10), torch.zeros(4)), TypeError, "labels must be int64 or int32"),
+    (lambda: (torch.randint(0, 5, (4, 10)), torch.zeros(4, dtype=torch.long)), TypeError, "logits must be float"),
+    (lambda: (torch.randn(()), torch.zeros((), dtype=torch.long)), ValueError, "vocabulary dimension"),
+    (lambda: (torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "vocabulary size"),
+    (lambda: (torch.randn(4, 10), torch.tensor([0, 1, 10, 2])), ValueError, "labels[2] = 10 is outside [0, 10)"),
+    (lambda: (torch.randn(4, 10), torch.tensor([0, -1, 3, 2])), ValueError, "labels[1] = -1"),
+    (lambda: ([[0.0]], torch.zeros(1, dtype=torch.long)), TypeError, "logits must be a torch.Tensor"),
+    (lambda: (torch.randn(4, 10), torch.zeros(4, dtype=torch.long, device="meta")), ValueError, "is on meta"),
+])
+def test_bad_input_raises_named_error(make_args, error, fragment):
+    logits, labels = make_args()
+    with pytest.raises(error, match="rlengine.token_logprobs") as info:
+        ops.token_logprobs(logits, labels)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan, "1.0"])
+def test_bad_temperature(temperature):
+    with pytest.raises((ValueError, TypeError), match="temperature"):
+        ops.token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long),
+                           temperature=temperature)
+
+
+def test_kernel_never_reads_out_of_range_labels():
+    """Calling the op directly (as compiled graphs do, past the Python check) with labels out
+    of range returns NaN there and leaves the other positions exact."""
+    logits = torch.randn(3, 10)
+    labels = torch.tensor([2, 10**9, -5])
+    lp, _, _ = torch.ops.rlengine.token_logprobs(logits, labels, 1.0, IGNORE, False)
+    assert torch.isnan(lp[1:]).all()
+    torch.testing.assert_close(lp[0], torch.log_softmax(logits[0], -1)[2])
