@@ -8,8 +8,11 @@
 // the backward recomputes the softmax from the saved per-row logsumexp.
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 #include "cpu/common.h"
@@ -230,6 +233,20 @@ void row_backward<double>(const double* row, double* out, int64_t V, int64_t lab
   out[label] += scale * a;
 }
 
+// The logits gradient is the one N x V buffer of the op, and it is written once, right after a
+// fresh allocation: on Linux most of that write is spent faulting in 4 KiB pages. Asking for
+// transparent huge pages on the buffer (where the system allows them on request) cuts the
+// number of faults 512-fold. Advice only: nothing changes if it is refused.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
 at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_logprobs,
                                        const std::optional<at::Tensor>& grad_entropy,
                                        const at::Tensor& logits_in, const at::Tensor& labels_in,
@@ -259,6 +276,7 @@ at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_log
   const at::Tensor ent = grad_entropy ? as_double(entropy_in) : at::Tensor();
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(
                                                          at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad_logits);
   const int64_t N = labels.numel();
   if (N == 0) return grad_logits;
 

@@ -1,0 +1,61 @@
+"""The `rlengine` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    from rlengine import kernel_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"rlengine kernels on {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    rows = kernel_demo.run(batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab,
+                           repeats=args.repeats, seed=args.seed,
+                           progress=lambda msg: print(f"  ... {msg}", flush=True))
+    print()
+    print(kernel_demo.format_table(rows))
+    print("\nspeedup = eager median / rlengine median, both measured just now on this machine;"
+          "\nmax |diff| = largest difference between the two results.")
+    return 0
+
+
+def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per op (default 5)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlengine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    quick = commands.add_parser(
+        "quickstart", help="the main job on the built-in default",
+        description="Until the full RLHF pipeline lands, quickstart runs every fused op on a tiny "
+                    "random transformers model's outputs and prints its speedup over the eager "
+                    "equivalent, measured live.")
+    _add_kernel_options(quick)
+    quick.set_defaults(run=_kernels)
+    kernels = commands.add_parser(
+        "kernels", help="time every fused op against its eager equivalent, live",
+        description="Run every fused op on a tiny random transformers model's outputs, check it "
+                    "against its eager equivalent and print both timings.")
+    _add_kernel_options(kernels)
+    kernels.set_defaults(run=_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
