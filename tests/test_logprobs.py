@@ -231,7 +231,13 @@ def logits_and_labels(draw):
     labels = torch.randint(0, vocab, (rows,))
     labels[torch.rand(rows) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = IGNORE
     temperature = draw(st.sampled_from([1.0, 0.5, 3.0]))
-    return logits.to(dtype), labels, temperature
+    logits = logits.to(dtype)
+    layout = draw(st.sampled_from(["contiguous", "row_strided", "vocab_strided"]))
+    if layout == "row_strided":        # rows padded apart, vocabulary contiguous: read in place
+        logits = torch.cat([logits, torch.randn(rows, 3).to(dtype)], dim=1)[:, :vocab]
+    elif layout == "vocab_strided":    # vocabulary stride 2: copied by the op
+        logits = logits.repeat_interleave(2, dim=1)[:, ::2]
+    return logits, labels, temperature
 
 
 @given(logits_and_labels())
