@@ -142,9 +142,11 @@ def entropy_segments(entropy: torch.Tensor, response_mask: torch.Tensor, *, thre
     counts [B] int64: the number of segments, 0 for a row with no response position).
     """
     valid = response_mask.bool()
-    positions = torch.arange(valid.shape[-1], device=valid.device)
-    last = torch.where(valid, positions, -1).amax(-1, keepdim=True)
-    is_end = valid & ((entropy > threshold) | (positions == last))
+    # The last response position is the one with no response position after it (written with a
+    # reversed cumsum rather than an amax of positions, which fails on T = 0).
+    at_or_after = valid.flip(-1).long().cumsum(-1).flip(-1)
+    is_last = valid & (at_or_after == 1)
+    is_end = valid & ((entropy > threshold) | is_last)
     ends_before = torch.cumsum(is_end.long(), -1) - is_end.long()
     segment_ids = torch.where(valid, ends_before, -1)
     return segment_ids, is_end.sum(-1)
@@ -207,6 +209,9 @@ def segment_rewards_to_dense(segment_rewards: torch.Tensor, segment_ids: torch.T
     """
     receives = mask.bool() & (segment_ids >= 0)
     index = segment_ids.clamp(min=0)
+    if segment_rewards.shape[1] == 0:
+        # No row has a segment (Kmax = 0): nothing is read, but gather needs a column to index.
+        segment_rewards = torch.nn.functional.pad(segment_rewards, (0, 1))
     reward = segment_rewards.gather(1, index)
     if normalizer is not None:
         location = (index + 1).to(reward.dtype) / counts.clamp(min=1).unsqueeze(1).to(reward.dtype)
