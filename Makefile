@@ -18,6 +18,7 @@ test: install
 # Build deps, then the package itself, editable and without build isolation, so the extension
 # is compiled against the torch that will run it.
 install: setup
+	rm -f rlengine/_C*.so  # a stale `make inplace` build must not shadow the installed one
 	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
 
 setup:
@@ -30,14 +31,17 @@ bench: install
 	$(PYTHON) bench/report.py bench/results/$(BENCH_RUN).json > bench/results/$(BENCH_RUN).md
 	@cat bench/results/$(BENCH_RUN).md
 
-# The op tests against an extension built with AddressSanitizer (a separate build directory).
-# libasan must be loaded before Python; leak checking is off because CPython itself leaks at exit.
+# The op tests against an extension built with AddressSanitizer (its own build directory), then
+# the normal build again. libasan must be loaded before Python, and libstdc++ with it so that
+# ASan sees C++ exceptions thrown by the kernels' argument checks; leak checking is off because
+# CPython itself does not free everything at exit.
+ASAN_PRELOAD = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)
 asan-test: setup
 	RLENGINE_SANITIZE=address $(PYTHON) -m pip install --no-build-isolation -e . \
 		-Cbuild-dir=build/asan
-	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-		$(PYTHON) -m pytest tests -q -p no:cacheprovider
-	$(PYTHON) -m pip install --no-build-isolation -e .
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest tests -q -p no:cacheprovider; status=$$?; \
+		$(PYTHON) -m pip install --no-build-isolation -e . && exit $$status
 
 # For working in several git worktrees at once: build rlengine/_C*.so in place, without pip
 # (do not combine with `make install`, whose import hook would take precedence).
