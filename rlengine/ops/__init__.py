@@ -1,6 +1,19 @@
-"""rlengine's kernels: typed wrappers around ``torch.ops.rlengine.*``."""
+"""rlengine's kernels: typed wrappers around ``torch.ops.rlengine.*``.
 
+Each op's schema is in csrc/registration.cpp, its CPU kernel in csrc/cpu/<family>.cpp, its
+wrapper, fake kernel and autograd formula in rlengine/ops/<family>.py, and its plain-PyTorch
+definition in rlengine/ops/reference.py.
+"""
+
+from rlengine.ops.gae import discounted_returns, gae
 from rlengine.ops.logprobs import token_logprobs
 from rlengine.ops.segments import entropy_segments, segment_reduce, segment_rewards_to_dense
 
-__all__ = ["entropy_segments", "segment_reduce", "segment_rewards_to_dense", "token_logprobs"]
+__all__ = [
+    "token_logprobs",
+    "gae",
+    "discounted_returns",
+    "entropy_segments",
+    "segment_reduce",
+    "segment_rewards_to_dense",
+]

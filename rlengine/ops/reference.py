@@ -109,7 +109,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         advantages[t] = torch.where(m, advantage, zeros)
         next_value = torch.where(m, values[:, t], next_value)
         next_advantage = torch.where(m, advantage, next_advantage)
-    advantages = torch.stack(advantages, dim=1)
+    # (with T = 0 there is nothing to stack: the empty input itself, kept in the graph)
+    advantages = torch.stack(advantages, dim=1) if steps else values.clone()
     returns = torch.where(mask, advantages + values, torch.zeros_like(advantages))
     return advantages, returns
 
@@ -128,7 +129,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
         g = rewards[:, t] + gamma * next_return
         returns[t] = torch.where(m, g, zeros)
         next_return = torch.where(m, g, next_return)
-    return torch.stack(returns, dim=1)
+    return torch.stack(returns, dim=1) if steps else rewards.clone()
 
 
 # ---- segment rewards ------------------------------------------------------------------------------
