@@ -22,6 +22,10 @@
 #define RLENGINE_SIMD_CLONES
 #endif
 
+// Helpers called from inside target_clones functions must be inlined there, or they run as
+// separately compiled baseline code (unvectorized, one call per element).
+#define RLENGINE_INLINE inline __attribute__((always_inline))
+
 #define RLENGINE_PRAGMA(x) _Pragma(#x)
 #define RLENGINE_SIMD_REDUCE(...) RLENGINE_PRAGMA(omp simd reduction(__VA_ARGS__))
 #define RLENGINE_SIMD RLENGINE_PRAGMA(omp simd)
@@ -34,13 +38,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // against the row's maximum term (exactly 1) anything smaller cannot change an fp32 sum.
 constexpr float kExpUnderflow = -86.0f;
 
-inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+RLENGINE_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+RLENGINE_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
 // exp(x) for x <= 0 (x may be -inf), relative error < 1e-7, branch-free so it vectorizes.
 // Range reduction x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, ln2 split in two), a degree-7
 // Taylor polynomial for exp(r), and 2^n put straight into the exponent bits.
-inline float exp_nonpositive(float x) {
+RLENGINE_INLINE float exp_nonpositive(float x) {
   const float keep = x >= kExpUnderflow ? 1.0f : 0.0f;
   x = x >= kExpUnderflow ? x : kExpUnderflow;
   const float round_shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -63,6 +67,31 @@ inline float exp_nonpositive(float x) {
 
 // The functions below are defined in vec_math.cpp with RLENGINE_SIMD_CLONES; the declarations
 // must not carry the attribute, so that callers go through the resolver of the plain symbol.
+
+// log(1 + y) for y in [0, 1], relative error ~1e-7, branch-free. log(u) of u = 1 + y by the
+// atanh series on the mantissa, then the classic correction log1p(y) = log(u) * y / (u - 1),
+// which restores the low bits of y that 1 + y rounded away (and is y itself when u == 1).
+RLENGINE_INLINE float log1p_unit(float y) {
+  const float u = 1.0f + y;
+  const uint32_t bits = float_to_bits(u);
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // mantissa in [1, 2)
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;  // now in [sqrt(1/2), sqrt(2)): |s| <= 0.1716 below
+  e = high ? e + 1.0f : e;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float series = 1.0f / 9.0f;
+  series = series * s2 + 1.0f / 7.0f;
+  series = series * s2 + 1.0f / 5.0f;
+  series = series * s2 + 1.0f / 3.0f;
+  series = series * s2 + 1.0f;
+  const float log_u = e * 0.693147180559945309f + 2.0f * s * series;
+  const float denominator = u - 1.0f;
+  const bool exact = denominator == 0.0f;  // y below half an ulp of 1: log1p(y) = y
+  const float corrected = log_u * (y / (exact ? 1.0f : denominator));
+  return exact ? y : corrected;
+}
 
 // ---- conversions between storage dtypes and fp32 working buffers ---------------------------
 

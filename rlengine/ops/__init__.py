@@ -7,10 +7,14 @@ definition in rlengine/ops/reference.py.
 
 from rlengine.ops.gae import discounted_returns, gae
 from rlengine.ops.logprobs import token_logprobs
+from rlengine.ops.ranking import bt_loss, rrhf_rank_loss, sequence_scores
 from rlengine.ops.segments import entropy_segments, segment_reduce, segment_rewards_to_dense
 
 __all__ = [
     "token_logprobs",
+    "sequence_scores",
+    "rrhf_rank_loss",
+    "bt_loss",
     "gae",
     "discounted_returns",
     "entropy_segments",
