@@ -36,6 +36,67 @@ inline double length_divisor(int64_t count, double length_penalty) {
                                           length_penalty);
 }
 
+// (sum of the selected values, number selected) of one row. The contiguous case is a
+// branch-free select-and-add that vectorizes; an unselected value is read but can never reach
+// the sum (a select, not a multiplication by 0, so -inf and NaN there are harmless).
+// The fp32 contiguous case, the common one, as target clones. Within a chunk the sum is fp32
+// and the count int32 (uniform 32-bit lanes are what GCC vectorizes with a mask select; mixed
+// double/int64/byte lanes stay scalar); chunks are combined in double.
+RLENGINE_SIMD_CLONES void masked_chunk_sum_f32(const float* x, const uint8_t* keep, int64_t n,
+                                               float* sum, int32_t* count) {
+  float total = 0.0f;
+  int32_t selected = 0;
+  RLENGINE_SIMD_REDUCE(+ : total, selected)
+  for (int64_t t = 0; t < n; ++t) {
+    const float value = x[t];  // loaded unconditionally, so the select can be a blend
+    const bool k = keep[t] != 0;
+    total += k ? value : 0.0f;
+    selected += k;
+  }
+  *sum = total;
+  *count = selected;
+}
+
+std::pair<double, int64_t> masked_row_sum_f32(const float* x, const bool* keep, int64_t T) {
+  constexpr int64_t kChunk = 4096;
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t start = 0; start < T; start += kChunk) {
+    float chunk_sum;
+    int32_t chunk_count;
+    masked_chunk_sum_f32(x + start, reinterpret_cast<const uint8_t*>(keep + start),
+                         std::min(kChunk, T - start), &chunk_sum, &chunk_count);
+    total += chunk_sum;
+    count += chunk_count;
+  }
+  return {total, count};
+}
+
+template <typename scalar_t>
+std::pair<double, int64_t> masked_row_sum(const scalar_t* x, int64_t x_stride, const bool* keep,
+                                          int64_t keep_stride, int64_t T) {
+  double total = 0.0;
+  int64_t count = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (x_stride == 1 && keep_stride == 1) return masked_row_sum_f32(x, keep, T);
+  }
+  if (x_stride == 1 && keep_stride == 1) {
+    RLENGINE_SIMD_REDUCE(+ : total, count)
+    for (int64_t t = 0; t < T; ++t) {
+      const double value = static_cast<double>(x[t]);
+      total += keep[t] ? value : 0.0;
+      count += keep[t];
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      const double value = static_cast<double>(x[t * x_stride]);
+      total += keep[t * keep_stride] ? value : 0.0;
+      count += keep[t * keep_stride];
+    }
+  }
+  return {total, count};
+}
+
 void check_scores_args(const char* op, const at::Tensor& mask, double length_penalty) {
   check_cpu(op, "mask", mask);
   check_bool(op, "mask", mask);
@@ -66,14 +127,8 @@ at::Tensor sequence_scores_cpu(const at::Tensor& token_logprobs, const at::Tenso
     acc* out = scores.mutable_data_ptr<acc>();
     at::parallel_for(0, rows, rows_per_task(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        double total = 0.0;
-        int64_t count = 0;
-        for (int64_t t = 0; t < T; ++t) {
-          if (keep[b * m.row_stride + t * m.col_stride]) {  // unselected values are never read
-            total += static_cast<double>(x[b * lp.row_stride + t * lp.col_stride]);
-            ++count;
-          }
-        }
+        const auto [total, count] = masked_row_sum(x + b * lp.row_stride, lp.col_stride,
+                                                   keep + b * m.row_stride, m.col_stride, T);
         out[b] = static_cast<acc>(total / length_divisor(count, length_penalty));
       }
     });
@@ -101,9 +156,12 @@ at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at:
       for (int64_t b = begin; b < end; ++b) {
         const bool* row = keep + b * m.row_stride;
         int64_t count = 0;
+        RLENGINE_SIMD_REDUCE(+ : count)
         for (int64_t t = 0; t < T; ++t) count += row[t * m.col_stride];
         const auto share = static_cast<scalar_t>(g_ptr[b] / length_divisor(count, length_penalty));
-        for (int64_t t = 0; t < T; ++t) out[b * T + t] = row[t * m.col_stride] ? share : scalar_t(0);
+        scalar_t* out_row = out + b * T;
+        RLENGINE_SIMD
+        for (int64_t t = 0; t < T; ++t) out_row[t] = row[t * m.col_stride] ? share : scalar_t(0);
       }
     });
   });
