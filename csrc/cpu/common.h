@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace rlengine::cpu {
@@ -51,5 +52,37 @@ constexpr int64_t kMinElementsPerTask = 32768;
 inline int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, row_length));
 }
+
+// One row of a tensor: its first element and the distance between positions. Row kernels take
+// rows by value, so pointer and stride are locals that the compiler keeps in registers across
+// the loop's stores (read through a captured reference they would be reloaded after each).
+template <typename T>
+struct Row {
+  const T* data;
+  int64_t stride;
+  T operator[](int64_t t) const { return data[t * stride]; }
+};
+
+// A 2-D (or 1-D) tensor of any strides, read in place: sliced or expanded inputs (an incoming
+// gradient of ones is often an expanded scalar) are never copied.
+template <typename T>
+struct Rows {
+  const T* data = nullptr;  // null for an absent optional tensor (see Rows::of)
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+
+  Rows() = default;
+  explicit Rows(const at::Tensor& t)
+      : data(t.const_data_ptr<T>()),
+        row_stride(t.dim() >= 1 ? t.stride(0) : 0),
+        col_stride(t.dim() >= 2 ? t.stride(1) : 0) {}
+  Row<T> operator[](int64_t b) const { return {data + b * row_stride, col_stride}; }
+  T at(int64_t b) const { return data[b * row_stride]; }  // 1-D tensors
+  explicit operator bool() const { return data != nullptr; }
+
+  // Rows of an optional tensor: empty (false) when it is absent or undefined.
+  static Rows of(const at::Tensor& t) { return t.defined() ? Rows(t) : Rows(); }
+  static Rows of(const std::optional<at::Tensor>& t) { return t ? of(*t) : Rows(); }
+};
 
 }  // namespace rlengine::cpu

@@ -7,8 +7,8 @@
 //   gae:  d_t = gA_t + gR_t + gamma*lam * d_prev        (d = dL/d delta; prev = previous valid)
 //         dL/dr_t = d_t,  dL/dV_t = gR_t - d_t + gamma * d_prev,  dL/dlast = gamma * d_last
 //   discounted returns:  d_t = gG_t + gamma * d_prev,  dL/dr_t = d_t,  dL/dlast = gamma * d_last
-// Rows are read through their strides, so sliced inputs and expanded incoming gradients (the
-// gradient of a .sum() is an expanded scalar) are never copied.
+// Rows are read through their strides (Rows, in common.h), so sliced inputs and expanded
+// incoming gradients (the gradient of a .sum() is an expanded scalar) are never copied.
 #include <torch/library.h>
 
 #include <cmath>
@@ -19,22 +19,6 @@
 
 namespace rlengine::cpu {
 namespace {
-
-// Element t of row b of a 2-D tensor (or element b of a 1-D one), read through its strides.
-template <typename T>
-struct Strided {
-  const T* data = nullptr;
-  int64_t row_stride = 0;
-  int64_t col_stride = 0;
-
-  Strided() = default;
-  explicit Strided(const at::Tensor& t)
-      : data(t.const_data_ptr<T>()),
-        row_stride(t.dim() >= 1 ? t.stride(0) : 0),
-        col_stride(t.dim() >= 2 ? t.stride(1) : 0) {}
-  T operator()(int64_t b, int64_t t) const { return data[b * row_stride + t * col_stride]; }
-  T operator()(int64_t b) const { return data[b * row_stride]; }
-};
 
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -88,24 +72,25 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), op, [&] {
     using acc = acc_t<scalar_t>;
-    const Strided<scalar_t> r(rewards), v(values);
-    const Strided<bool> m(mask);
-    const Strided<scalar_t> last = last_values ? Strided<scalar_t>(*last_values)
-                                               : Strided<scalar_t>();
+    const Rows<scalar_t> rewards_rows(rewards), values_rows(values);
+    const Rows<bool> mask_rows(mask);
+    const auto last = Rows<scalar_t>::of(last_values);
     acc* adv = advantages.mutable_data_ptr<acc>();
     acc* ret = returns.mutable_data_ptr<acc>();
     const acc g = static_cast<acc>(gamma);
     const acc gl = static_cast<acc>(gamma * lam);
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        acc next_value = last.data ? static_cast<acc>(last(b)) : acc(0);
+        const Row<scalar_t> r = rewards_rows[b], v = values_rows[b];
+        const Row<bool> m = mask_rows[b];
+        acc next_value = last ? static_cast<acc>(last.at(b)) : acc(0);
         acc next_advantage = 0;
         acc* adv_row = adv + b * T;
         acc* ret_row = ret + b * T;
         for (int64_t t = T - 1; t >= 0; --t) {
-          if (m(b, t)) {
-            const acc value = static_cast<acc>(v(b, t));
-            const acc advantage = static_cast<acc>(r(b, t)) + g * next_value - value +
+          if (m[t]) {
+            const acc value = static_cast<acc>(v[t]);
+            const acc advantage = static_cast<acc>(r[t]) + g * next_value - value +
                                   gl * next_advantage;
             adv_row[t] = advantage;
             ret_row[t] = advantage + value;
@@ -157,11 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_backward_cpu(
   at::Tensor grad_last = at::empty({B}, options);
   if (B == 0) return {grad_rewards, grad_values, grad_last};
   AT_DISPATCH_FLOATING_TYPES(dtype, op, [&] {
-    const Strided<scalar_t> ga = grad_adv.defined() ? Strided<scalar_t>(grad_adv)
-                                                    : Strided<scalar_t>();
-    const Strided<scalar_t> gr = grad_ret.defined() ? Strided<scalar_t>(grad_ret)
-                                                    : Strided<scalar_t>();
-    const Strided<bool> m(mask);
+    const auto grad_adv_rows = Rows<scalar_t>::of(grad_adv);
+    const auto grad_ret_rows = Rows<scalar_t>::of(grad_ret);
+    const Rows<bool> mask_rows(mask);
     scalar_t* out_r = grad_rewards.mutable_data_ptr<scalar_t>();
     scalar_t* out_v = grad_values.mutable_data_ptr<scalar_t>();
     scalar_t* out_last = grad_last.mutable_data_ptr<scalar_t>();
@@ -169,11 +152,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_backward_cpu(
     const scalar_t gl = static_cast<scalar_t>(gamma * lam);
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
+        const Row<bool> m = mask_rows[b];
         scalar_t carried = 0;  // dL/d delta at the previous valid position
         for (int64_t t = 0; t < T; ++t) {
-          if (m(b, t)) {
-            const scalar_t g_ret = gr.data ? gr(b, t) : scalar_t(0);
-            const scalar_t g_adv = ga.data ? ga(b, t) : scalar_t(0);
+          if (m[t]) {
+            const scalar_t g_ret = grad_ret_rows ? grad_ret_rows[b][t] : scalar_t(0);
+            const scalar_t g_adv = grad_adv_rows ? grad_adv_rows[b][t] : scalar_t(0);
             const scalar_t d = g_adv + g_ret + gl * carried;
             out_r[b * T + t] = d;
             out_v[b * T + t] = g_ret - d + g * carried;
@@ -201,19 +185,20 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& m
   if (B == 0 || T == 0) return returns;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), op, [&] {
     using acc = acc_t<scalar_t>;
-    const Strided<scalar_t> r(rewards);
-    const Strided<bool> m(mask);
-    const Strided<scalar_t> last = last_values ? Strided<scalar_t>(*last_values)
-                                               : Strided<scalar_t>();
+    const Rows<scalar_t> rewards_rows(rewards);
+    const Rows<bool> mask_rows(mask);
+    const auto last = Rows<scalar_t>::of(last_values);
     acc* ret = returns.mutable_data_ptr<acc>();
     const acc g = static_cast<acc>(gamma);
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        acc next_return = last.data ? static_cast<acc>(last(b)) : acc(0);
+        const Row<scalar_t> r = rewards_rows[b];
+        const Row<bool> m = mask_rows[b];
+        acc next_return = last ? static_cast<acc>(last.at(b)) : acc(0);
         acc* row = ret + b * T;
         for (int64_t t = T - 1; t >= 0; --t) {
-          if (m(b, t)) {
-            next_return = static_cast<acc>(r(b, t)) + g * next_return;
+          if (m[t]) {
+            next_return = static_cast<acc>(r[t]) + g * next_return;
             row[t] = next_return;
           } else {
             row[t] = 0;
@@ -243,17 +228,19 @@ std::tuple<at::Tensor, at::Tensor> discounted_returns_backward_cpu(const at::Ten
   at::Tensor grad_last = at::empty({B}, options);
   if (B == 0) return {grad_rewards, grad_last};
   AT_DISPATCH_FLOATING_TYPES(dtype, op, [&] {
-    const Strided<scalar_t> gin(grad);
-    const Strided<bool> m(mask);
+    const Rows<scalar_t> grad_rows(grad);
+    const Rows<bool> mask_rows(mask);
     scalar_t* out = grad_rewards.mutable_data_ptr<scalar_t>();
     scalar_t* out_last = grad_last.mutable_data_ptr<scalar_t>();
     const scalar_t g = static_cast<scalar_t>(gamma);
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
+        const Row<scalar_t> gin = grad_rows[b];
+        const Row<bool> m = mask_rows[b];
         scalar_t carried = 0;
         for (int64_t t = 0; t < T; ++t) {
-          if (m(b, t)) {
-            carried = gin(b, t) + g * carried;
+          if (m[t]) {
+            carried = gin[t] + g * carried;
             out[b * T + t] = carried;
           } else {
             out[b * T + t] = 0;

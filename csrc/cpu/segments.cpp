@@ -31,32 +31,6 @@ namespace {
 // rlengine.ops.reference.SIGMA_FLOOR (the tests compare the two on a normalizer that crosses it).
 constexpr double kSigmaFloor = 1e-3;
 
-// One row of a tensor: its first element and the distance between positions. Row kernels take
-// rows by value, so pointer and stride are locals that the compiler keeps in registers across
-// the loop's stores (read through a captured reference they would be reloaded after each).
-template <typename T>
-struct Row {
-  const T* data;
-  int64_t stride;
-  T operator[](int64_t t) const { return data[t * stride]; }
-};
-
-// A 2-D (or 1-D) tensor of any strides, read in place: sliced or expanded inputs (an incoming
-// gradient of ones is often an expanded scalar) are never copied.
-template <typename T>
-struct Rows {
-  const T* data;
-  int64_t row_stride;
-  int64_t col_stride;
-
-  explicit Rows(const at::Tensor& t)
-      : data(t.const_data_ptr<T>()),
-        row_stride(t.dim() >= 1 ? t.stride(0) : 0),
-        col_stride(t.dim() >= 2 ? t.stride(1) : 0) {}
-  Row<T> operator[](int64_t b) const { return {data + b * row_stride, col_stride}; }
-  T at(int64_t b) const { return data[b * row_stride]; }  // 1-D tensors
-};
-
 template <typename scalar_t>
 using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
