@@ -109,7 +109,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         advantages[t] = torch.where(m, advantage, zeros)
         next_value = torch.where(m, values[:, t], next_value)
         next_advantage = torch.where(m, advantage, next_advantage)
-    advantages = torch.stack(advantages, dim=1)
+    advantages = torch.stack(advantages, dim=1) if steps else torch.zeros_like(values)
     returns = torch.where(mask, advantages + values, torch.zeros_like(advantages))
     return advantages, returns
 
@@ -128,7 +128,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
         g = rewards[:, t] + gamma * next_return
         returns[t] = torch.where(m, g, zeros)
         next_return = torch.where(m, g, next_return)
-    return torch.stack(returns, dim=1)
+    return torch.stack(returns, dim=1) if steps else torch.zeros_like(rewards)
 
 
 # ---- segment rewards ------------------------------------------------------------------------------
