@@ -64,7 +64,9 @@ struct Row {
 };
 
 // A 2-D (or 1-D) tensor of any strides, read in place: sliced or expanded inputs (an incoming
-// gradient of ones is often an expanded scalar) are never copied.
+// gradient of ones is often an expanded scalar) are never copied. T may differ from the
+// tensor's own element type where the bytes mean the same (a bool mask read as uint8_t, which
+// GCC vectorizes where it does not vectorize bool).
 template <typename T>
 struct Rows {
   const T* data = nullptr;  // null for an absent optional tensor (see Rows::of)
@@ -73,11 +75,12 @@ struct Rows {
 
   Rows() = default;
   explicit Rows(const at::Tensor& t)
-      : data(t.const_data_ptr<T>()),
+      : data(static_cast<const T*>(t.const_data_ptr())),
         row_stride(t.dim() >= 1 ? t.stride(0) : 0),
         col_stride(t.dim() >= 2 ? t.stride(1) : 0) {}
   Row<T> operator[](int64_t b) const { return {data + b * row_stride, col_stride}; }
   T at(int64_t b) const { return data[b * row_stride]; }  // 1-D tensors
+  const T* ptr(int64_t b, int64_t t) const { return data + b * row_stride + t * col_stride; }
   explicit operator bool() const { return data != nullptr; }
 
   // Rows of an optional tensor: empty (false) when it is absent or undefined.

@@ -1,6 +1,7 @@
-"""Advantages and returns: ``rlengine::gae`` and ``rlengine::discounted_returns``.
+"""Generalized advantage estimation and discounted returns over masked rows:
+``rlengine::gae`` and ``rlengine::discounted_returns``.
 
-Kernels: csrc/cpu/gae.cpp. References: ``reference.gae``, ``reference.discounted_returns``.
+Kernels: csrc/cpu/gae.cpp. References: ``reference.gae`` and ``reference.discounted_returns``.
 """
 
 from __future__ import annotations
@@ -9,143 +10,171 @@ import torch
 
 from rlengine.ops import _checks
 
+GAE = "gae"
+RETURNS = "discounted_returns"
 
-def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(op: str, rewards, mask, last_values, **others):
-    """Validates [B, T] float rows, a same-shape mask and an optional [B] last_values; returns
-    them (mask as bool) with every float input in one common dtype."""
+def _float_inputs(op: str, rewards: object, values: object | None, mask: object,
+                  last_values: object | None):
+    """Validated (rewards, values, mask, last_values), the float ones in their common dtype."""
     rewards = _checks.float_tensor(op, "rewards", rewards, ndim=2)
-    floats = {"rewards": rewards}
-    for name, t in others.items():
-        t = _checks.float_tensor(op, name, t, ndim=2)
-        _checks.shape(op, name, t, rewards.shape, "rewards.shape")
-        floats[name] = t
+    if values is not None:
+        values = _checks.float_tensor(op, "values", values, ndim=2)
+        _checks.shape(op, "values", values, rewards.shape, "rewards.shape")
     mask = _checks.mask(op, "mask", mask, rewards.shape)
     if last_values is not None:
         last_values = _checks.float_tensor(op, "last_values", last_values, ndim=1)
-        _checks.shape(op, "last_values", last_values, rewards.shape[:1], "rewards.shape[0]")
-        floats["last_values"] = last_values
-    _checks.same_device(op, **floats, mask=mask)
-    # Mixed precisions (bf16 values from the critic, fp32 rewards) meet in the wider dtype;
-    # the casts are differentiable, so gradients come back in each input's own dtype.
-    common = rewards.dtype
-    for t in floats.values():
-        common = torch.promote_types(common, t.dtype)
-    cast = {name: t.to(common) for name, t in floats.items()}
-    return cast, mask
+        _checks.shape(op, "last_values", last_values, rewards.shape[:1], "rewards.shape[:1]")
+    _checks.same_device(op, rewards=rewards, values=values, mask=mask, last_values=last_values)
+    dtype = rewards.dtype
+    for t in (values, last_values):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    return cast(rewards), cast(values), mask, cast(last_values)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
-        lam: float, last_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation for a batch of rows, in one kernel call.
+        lam: float, last_values: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over the valid positions of each row, in one kernel.
+
+    Masked positions are skipped, not treated as time steps. For a row whose valid positions
+    (``mask`` true) are ``t_1 < t_2 < ... < t_n``, with ``V`` the values, ``r`` the rewards and,
+    past the last valid position, ``V_(t_(n+1)) = last_values`` (0 if None) and
+    ``A_(t_(n+1)) = 0``:
+
+        delta_(t_i) = r_(t_i) + gamma * V_(t_(i+1)) - V_(t_i)
+        A_(t_i)     = delta_(t_i) + gamma * lam * A_(t_(i+1))
+        returns_(t_i) = A_(t_i) + V_(t_i)
+
+    So gamma and lam are applied once between two consecutive valid positions, however many
+    masked positions lie between them (the multi-turn convention of veRL, where tool and
+    observation tokens inside a response are masked out). With an all-true mask and no
+    last_values this is the textbook loop of TRL and OpenRLHF.
 
     Args:
-        rewards, values: ``[B, T]`` float (any precision; mixed precisions are promoted).
-        mask: ``[B, T]`` bool (or 0/1 numbers): the positions that are steps of the episode.
-        gamma, lam: discount and GAE lambda, in [0, 1].
-        last_values: optional ``[B]`` value after the last valid position of each row (to
-            bootstrap a truncated episode); 0 if None (the episode ended).
+        rewards: ``[B, T]`` float32, bfloat16, float16 or float64, per-token rewards.
+        values: ``[B, T]`` float, the critic's values at each position.
+        mask: ``[B, T]`` bool (a numeric mask counts nonzero entries as true).
+        gamma: discount, a finite number in ``[0, 1]``.
+        lam: GAE lambda, a finite number in ``[0, 1]``.
+        last_values: optional ``[B]`` float, the bootstrap value after each row's last valid
+            position (e.g. the critic's value of the state after a truncated response).
 
     Returns:
-        ``(advantages, returns)``, ``[B, T]`` float32 (float64 for float64 inputs).
+        ``(advantages, returns)``, both ``[B, T]`` in float32 (float64 when the inputs are
+        float64), exactly 0 at masked positions. Mixed input dtypes are promoted to a common one
+        first. The results are differentiable w.r.t. rewards, values and last_values; the
+        gradients come back in each input's dtype.
 
-    The rule: masked positions are skipped, not treated as steps (veRL's multi-turn
-    convention, where tool or user tokens sit between the policy's tokens). For a valid
-    position t, let t' be the next valid position of its row; then
-
-        delta_t = r_t + gamma * V_t' - V_t,      A_t = delta_t + gamma * lam * A_t',
-        returns_t = A_t + V_t,
-
-    where, after the last valid position, V = last_values (or 0) and A = 0. Rewards and
-    values at masked positions are never read; advantages and returns there are exactly 0.
-    With a mask of all ones this is the textbook GAE. Differentiable w.r.t. rewards, values
-    and last_values.
+    Rewards and values at masked positions are never read into a result (NaN or inf there
+    changes nothing) and get exactly 0 gradient; incoming gradients at masked positions are
+    ignored. A row with no valid position is all zeros, and its last_values gets 0 gradient.
+    The recurrence is carried in float64 whatever the input dtype, so long rows stay accurate.
     """
-    op = "gae"
-    floats, mask = _rows(op, rewards, mask, last_values, values=values)
-    gamma = _checks.number(op, "gamma", gamma, low=0.0, high=1.0)
-    lam = _checks.number(op, "lam", lam, low=0.0, high=1.0)
-    return torch.ops.rlengine.gae.default(floats["rewards"], floats["values"], mask,
-                                          floats.get("last_values"), gamma, lam)
+    rewards, values, mask, last_values = _float_inputs(GAE, rewards, values, mask, last_values)
+    gamma = _checks.number(GAE, "gamma", gamma, low=0.0, high=1.0)
+    lam = _checks.number(GAE, "lam", lam, low=0.0, high=1.0)
+    return torch.ops.rlengine.gae.default(rewards, values, mask, last_values, gamma, lam)
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float,
                        last_values: torch.Tensor | None = None) -> torch.Tensor:
-    """Discounted returns over the valid positions of each row, in one kernel call.
+    """Discounted returns over the valid positions of each row, in one kernel.
 
-    For a valid t with t' the next valid position of its row, ``G_t = r_t + gamma * G_t'``;
-    after the last valid position G = last_values (or 0). Masked positions are skipped (their
-    rewards are never read) and get exactly 0. Equal to ``gae(rewards, zeros, mask,
-    gamma=gamma, lam=1).returns``. Returns ``[B, T]`` float32 (float64 for float64 rewards);
-    differentiable w.r.t. rewards and last_values.
+    For a row whose valid positions are ``t_1 < ... < t_n``, with ``G_(t_(n+1)) = last_values``
+    (0 if None):
+
+        G_(t_i) = r_(t_i) + gamma * G_(t_(i+1))
+
+    and 0 at masked positions, which are skipped rather than counted as steps (as in ``gae``;
+    this equals ``gae(rewards, zeros, mask, gamma=gamma, lam=1, last_values=...)``'s returns).
+
+    Args:
+        rewards: ``[B, T]`` float32, bfloat16, float16 or float64.
+        mask: ``[B, T]`` bool (a numeric mask counts nonzero entries as true).
+        gamma: discount, a finite number in ``[0, 1]``.
+        last_values: optional ``[B]`` float, the bootstrap return after each row's last valid
+            position.
+
+    Returns:
+        ``[B, T]`` returns in float32 (float64 for float64 inputs), differentiable w.r.t.
+        rewards and last_values (gradients in each input's dtype). Rewards at masked positions
+        are never read into a result and get exactly 0 gradient.
     """
-    op = "discounted_returns"
-    floats, mask = _rows(op, rewards, mask, last_values)
-    gamma = _checks.number(op, "gamma", gamma, low=0.0, high=1.0)
-    return torch.ops.rlengine.discounted_returns.default(floats["rewards"], mask,
-                                                         floats.get("last_values"), gamma)
+    rewards, _, mask, last_values = _float_inputs(RETURNS, rewards, None, mask, last_values)
+    gamma = _checks.number(RETURNS, "gamma", gamma, low=0.0, high=1.0)
+    return torch.ops.rlengine.discounted_returns.default(rewards, mask, last_values, gamma)
 
 
-# ---- fake kernels -----------------------------------------------------------------------------
+# ---- fake kernels ------------------------------------------------------------------------------
 
-@torch.library.register_fake("rlengine::gae")
-def _(rewards, values, mask, last_values, gamma, lam):
-    dtype = _result_dtype(rewards)
-    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape,
-                                                                            dtype=dtype)
-
-
-def _backward_dtype(*grads):
+def _gradient_dtype(*grads: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(g is not None and g.dtype == torch.float64 for g in grads) \
         else torch.float32
 
 
+@torch.library.register_fake("rlengine::gae")
+def _(rewards, values, mask, last_values, gamma, lam):
+    dtype = _result_dtype(rewards.dtype)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape,
+                                                                            dtype=dtype)
+
+
 @torch.library.register_fake("rlengine::gae_backward")
 def _(grad_advantages, grad_returns, mask, gamma, lam):
-    dtype = _backward_dtype(grad_advantages, grad_returns)
+    dtype = _gradient_dtype(grad_advantages, grad_returns)
     return (mask.new_empty(mask.shape, dtype=dtype), mask.new_empty(mask.shape, dtype=dtype),
             mask.new_empty(mask.shape[:1], dtype=dtype))
 
 
 @torch.library.register_fake("rlengine::discounted_returns")
 def _(rewards, mask, last_values, gamma):
-    return rewards.new_empty(rewards.shape, dtype=_result_dtype(rewards))
+    return rewards.new_empty(rewards.shape, dtype=_result_dtype(rewards.dtype))
 
 
 @torch.library.register_fake("rlengine::discounted_returns_backward")
 def _(grad_returns, mask, gamma):
-    dtype = _backward_dtype(grad_returns)
+    dtype = _gradient_dtype(grad_returns)
     return mask.new_empty(mask.shape, dtype=dtype), mask.new_empty(mask.shape[:1], dtype=dtype)
 
 
-# ---- autograd ---------------------------------------------------------------------------------
+# ---- autograd ----------------------------------------------------------------------------------
 
-def _gae_setup_context(ctx, inputs, output):
+def _cast(grad: torch.Tensor, like: torch.dtype | None, needed: bool) -> torch.Tensor | None:
+    return grad.to(like) if needed and like is not None else None
+
+
+def _setup_gae(ctx, inputs, output):
     rewards, values, mask, last_values, gamma, lam = inputs
     ctx.save_for_backward(mask)
     ctx.gamma, ctx.lam = gamma, lam
-    ctx.dtypes = (rewards.dtype, values.dtype, None if last_values is None else last_values.dtype)
+    ctx.dtypes = (rewards.dtype, values.dtype,
+                  None if last_values is None else last_values.dtype)
     ctx.set_materialize_grads(False)
 
 
 def _gae_backward(ctx, grad_advantages, grad_returns):
-    (mask,) = ctx.saved_tensors
     if grad_advantages is None and grad_returns is None:
         return None, None, None, None, None, None
-    g_rewards, g_values, g_last = torch.ops.rlengine.gae_backward.default(
+    (mask,) = ctx.saved_tensors
+    grad_rewards, grad_values, grad_last = torch.ops.rlengine.gae_backward.default(
         grad_advantages, grad_returns, mask, ctx.gamma, ctx.lam)
     rewards_dtype, values_dtype, last_dtype = ctx.dtypes
-    return (g_rewards.to(rewards_dtype), g_values.to(values_dtype), None,
-            None if last_dtype is None else g_last.to(last_dtype), None, None)
+    return (_cast(grad_rewards, rewards_dtype, ctx.needs_input_grad[0]),
+            _cast(grad_values, values_dtype, ctx.needs_input_grad[1]), None,
+            _cast(grad_last, last_dtype, ctx.needs_input_grad[3]), None, None)
 
 
-torch.library.register_autograd("rlengine::gae", _gae_backward, setup_context=_gae_setup_context)
-
-
-def _returns_setup_context(ctx, inputs, output):
+def _setup_returns(ctx, inputs, output):
     rewards, mask, last_values, gamma = inputs
     ctx.save_for_backward(mask)
     ctx.gamma = gamma
@@ -154,15 +183,16 @@ def _returns_setup_context(ctx, inputs, output):
 
 
 def _returns_backward(ctx, grad_returns):
-    (mask,) = ctx.saved_tensors
     if grad_returns is None:
         return None, None, None, None
-    g_rewards, g_last = torch.ops.rlengine.discounted_returns_backward.default(
+    (mask,) = ctx.saved_tensors
+    grad_rewards, grad_last = torch.ops.rlengine.discounted_returns_backward.default(
         grad_returns, mask, ctx.gamma)
     rewards_dtype, last_dtype = ctx.dtypes
-    return (g_rewards.to(rewards_dtype), None,
-            None if last_dtype is None else g_last.to(last_dtype), None)
+    return (_cast(grad_rewards, rewards_dtype, ctx.needs_input_grad[0]), None,
+            _cast(grad_last, last_dtype, ctx.needs_input_grad[2]), None)
 
 
+torch.library.register_autograd("rlengine::gae", _gae_backward, setup_context=_setup_gae)
 torch.library.register_autograd("rlengine::discounted_returns", _returns_backward,
-                                setup_context=_returns_setup_context)
+                                setup_context=_setup_returns)
