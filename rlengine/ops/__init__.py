@@ -9,6 +9,7 @@ from rlengine.ops.gae import discounted_returns, gae
 from rlengine.ops.logprobs import token_logprobs
 from rlengine.ops.ranking import bt_loss, rrhf_rank_loss, sequence_scores
 from rlengine.ops.segments import entropy_segments, segment_reduce, segment_rewards_to_dense
+from rlengine.ops.stats import masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "token_logprobs",
@@ -20,4 +21,7 @@ __all__ = [
     "entropy_segments",
     "segment_reduce",
     "segment_rewards_to_dense",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
 ]

@@ -252,6 +252,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, *,
     """Variance over the masked positions (Bessel-corrected if unbiased); 0 when there are
     fewer than two positions (unbiased) or none."""
     mask = mask.bool()
+    # Masked-out values are replaced before any arithmetic: an inf there would otherwise turn
+    # the (discarded) squares into inf and their zero gradient into 0 * inf = NaN.
+    x = torch.where(mask, x, torch.zeros_like(x))
     mean = masked_mean(x, mask, dim)
     centered = x - (mean if dim is None else mean.unsqueeze(dim))
     squares = torch.where(mask, centered * centered, torch.zeros_like(x))
@@ -265,6 +268,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     """(x - mean) / sqrt(var + eps) with the mean and variance of all masked positions, plus the
     mean again if not shift_mean; 0 at unmasked positions."""
     mask = mask.bool()
+    x = torch.where(mask, x, torch.zeros_like(x))  # see masked_var
     mean = masked_mean(x, mask)
     whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, unbiased=unbiased) + eps)
     if not shift_mean:
