@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from helpers import DTYPES, assert_matches, noncontiguous, to64
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rlengine import _extension, ops
@@ -410,8 +410,13 @@ def masked_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     offset = draw(st.sampled_from([0.0, 10.0, -1e4]))
-    x = torch.randn(shape, dtype=torch.float64) * scale + offset
-    mask = torch.rand(shape) < draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
+    if dtype == torch.float64:
+        # Two float64 evaluations of x - mean agree only to about eps * |offset| / scale (the
+        # conditioning of the variance); keep that within the float64 tolerance of 1e-10.
+        assume(abs(offset) / scale < 1e5)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))  # replayable
+    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + offset
+    mask = torch.rand(shape, generator=generator) < draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
     if x.numel() and draw(st.booleans()):       # poison masked-out positions
         x[~mask] = draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e30]))
     dim = draw(st.sampled_from([None, *range(-ndim, ndim)]))

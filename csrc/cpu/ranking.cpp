@@ -1,13 +1,20 @@
-// CPU kernels of the ranking and preference losses: sequence_scores (RRHF's length-normalized
-// sequence log-probability), rrhf_rank_loss and bt_loss, each with its backward.
+// CPU kernels of the ranking and preference losses and their backward ops:
+//   sequence_scores  masked sum of token log-probs / length ** length_penalty (RRHF's p_i)
+//   rrhf_rank_loss   sum over reward-ordered candidate pairs of max(0, p_worse - p_better)
+//   bt_loss          Bradley-Terry loss with margin and label smoothing
 //
-// These are small, latency-bound ops (one value per sequence, pair or query): the kernels make
-// one pass over their inputs, accumulate in double, and allocate only their outputs.
+// sequence_scores and bt_loss are single passes over their inputs: fp32 SIMD loops (compiled
+// per vector width like vec_math.cpp) over L1-sized chunks, parallel over rows or elements,
+// with no temporaries of the inputs' size (bf16/fp16 chunks are widened in a stack buffer).
+// rrhf_rank_loss is O(K^2) per query with K a few dozen at most: that work is tiny, so it is
+// written for exactness (double arithmetic, strided reads, no copies) and parallel over queries.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
-#include <optional>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/common.h"
 #include "cpu/vec_math.h"
@@ -15,417 +22,538 @@
 namespace rlengine::cpu {
 namespace {
 
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+constexpr int64_t kChunk = 2048;  // elements per chunk: the fp32 staging buffers stay in L1
 
-// A [rows, T] view of a tensor's last dimension, read through its strides (no copy when the
-// leading dimensions can be collapsed, which covers every layout the ops produce).
-struct RowView {
-  at::Tensor rows;  // 2-D
-  int64_t row_stride, col_stride;
-  explicit RowView(const at::Tensor& t)
-      : rows(t.reshape({-1, t.size(-1)})), row_stride(rows.stride(0)), col_stride(rows.stride(1)) {}
+// ---- fp32 SIMD loops ---------------------------------------------------------------------------
+// Masks are read as bytes with "nonzero is true", so a bool tensor made by reinterpreting
+// other bytes still selects instead of scaling.
+
+struct MaskedSum {
+  float sum;
+  int32_t count;  // n <= kChunk, so int32 (the same lane width as the float sum) cannot overflow
 };
 
-// ---- sequence_scores -------------------------------------------------------------------------
-
-// Rows with no selected position have score 0 (and gradient 0): their length counts as 1.
-inline double length_divisor(int64_t count, double length_penalty) {
-  return length_penalty == 0.0 ? 1.0
-                               : std::pow(static_cast<double>(std::max<int64_t>(count, 1)),
-                                          length_penalty);
+RLENGINE_SIMD_CLONES MaskedSum masked_sum_f32(const float* x, const uint8_t* mask, int64_t n) {
+  float sum = 0.0f;
+  int32_t count = 0;
+  RLENGINE_SIMD_REDUCE(+ : sum, count)
+  for (int64_t i = 0; i < n; ++i) {
+    // Select by clearing the bits (not by multiplying: 0 * -inf or 0 * NaN would leak in).
+    // Written as an AND of an unconditional load, because GCC turns `keep ? x[i] : 0` into a
+    // masked load that its AVX2/AVX-512 vectorizer cannot mix with byte masks.
+    const uint32_t keep = mask[i] != 0 ? 0xFFFFFFFFu : 0u;
+    sum += bits_to_float(float_to_bits(x[i]) & keep);
+    count += mask[i] != 0;
+  }
+  return {sum, count};
 }
 
-// (sum of the selected values, number selected) of one row. The contiguous case is a
-// branch-free select-and-add that vectorizes; an unselected value is read but can never reach
-// the sum (a select, not a multiplication by 0, so -inf and NaN there are harmless).
-// The fp32 contiguous case, the common one, as target clones. Within a chunk the sum is fp32
-// and the count int32 (uniform 32-bit lanes are what GCC vectorizes with a mask select; mixed
-// double/int64/byte lanes stay scalar); chunks are combined in double.
-RLENGINE_SIMD_CLONES void masked_chunk_sum_f32(const float* x, const uint8_t* keep, int64_t n,
-                                               float* sum, int32_t* count) {
-  float total = 0.0f;
-  int32_t selected = 0;
-  RLENGINE_SIMD_REDUCE(+ : total, selected)
-  for (int64_t t = 0; t < n; ++t) {
-    const float value = x[t];  // loaded unconditionally, so the select can be a blend
-    const bool k = keep[t] != 0;
-    total += k ? value : 0.0f;
-    selected += k;
-  }
-  *sum = total;
-  *count = selected;
+RLENGINE_SIMD_CLONES int32_t mask_count(const uint8_t* mask, int64_t n) {
+  int32_t count = 0;
+  RLENGINE_SIMD_REDUCE(+ : count)
+  for (int64_t i = 0; i < n; ++i) count += mask[i] != 0;
+  return count;
 }
 
-std::pair<double, int64_t> masked_row_sum_f32(const float* x, const bool* keep, int64_t T) {
-  constexpr int64_t kChunk = 4096;
-  double total = 0.0;
-  int64_t count = 0;
-  for (int64_t start = 0; start < T; start += kChunk) {
-    float chunk_sum;
-    int32_t chunk_count;
-    masked_chunk_sum_f32(x + start, reinterpret_cast<const uint8_t*>(keep + start),
-                         std::min(kChunk, T - start), &chunk_sum, &chunk_count);
-    total += chunk_sum;
-    count += chunk_count;
+RLENGINE_SIMD_CLONES void masked_fill_f32(const uint8_t* mask, float value, float* out,
+                                          int64_t n) {
+  RLENGINE_SIMD
+  for (int64_t i = 0; i < n; ++i) out[i] = mask[i] != 0 ? value : 0.0f;
+}
+
+// log1p(e) for e in [0, 1]: log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3], which has
+// no cancellation for tiny e (unlike log(1 + e)), and the odd Taylor series of atanh up to s^15,
+// whose remainder is below 2e-9 relative at s = 1/3. Branch-free, so it vectorizes.
+RLENGINE_INLINE float log1p_unit(float e) {
+  const float s = e / (2.0f + e);
+  const float s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+// BT loss with delta = c - r - m and smoothing a, written as
+//   log1p(exp(-|delta|)) + (1 - a) max(-delta, 0) + a max(delta, 0),
+// the same value as (1 - a) softplus(-delta) + a softplus(delta) with two non-negative terms
+// (no cancellation in either tail) and one exp per element. Infinite deltas follow IEEE
+// arithmetic exactly as the reference does (0 * inf = NaN); a NaN delta stays NaN.
+RLENGINE_SIMD_CLONES void bt_loss_f32(const float* c, const float* r, const float* m,
+                                      const float* a, float* loss, int64_t n) {
+  RLENGINE_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = c[i] - r[i] - m[i];
+    const float ad = d < 0.0f ? -d : d;
+    const float tail = log1p_unit(exp_nonpositive(-ad));
+    const float up = d > 0.0f ? d : 0.0f;
+    const float down = d < 0.0f ? -d : 0.0f;
+    const float v = tail + (1.0f - a[i]) * down + a[i] * up;
+    loss[i] = d != d ? d : v;
   }
-  return {total, count};
+}
+
+// dloss/ddelta = a sigma(delta) - (1 - a) sigma(-delta), with both sigmoids taken from
+// e = exp(-|delta|) (sigma(|delta|) = 1 / (1 + e), sigma(-|delta|) = e / (1 + e)), so that the
+// small one keeps its full relative precision instead of being 1 - (something near 1).
+// At delta = 0 this is a - 1/2. dloss/da = softplus(delta) - softplus(-delta) = delta exactly.
+RLENGINE_SIMD_CLONES void bt_grad_f32(const float* c, const float* r, const float* m,
+                                      const float* a, const float* g, float* grad_delta,
+                                      float* grad_a, int64_t n) {
+  RLENGINE_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = c[i] - r[i] - m[i];
+    const float ad = d < 0.0f ? -d : d;
+    const float e = exp_nonpositive(-ad);
+    const float w = a[i];
+    const float numerator = d >= 0.0f ? w - (1.0f - w) * e : w * e - (1.0f - w);
+    const float gd = g[i] * numerator / (1.0f + e);
+    grad_delta[i] = d != d ? d : gd;
+  }
+  if (grad_a == nullptr) return;
+  RLENGINE_SIMD
+  for (int64_t i = 0; i < n; ++i) grad_a[i] = g[i] * (c[i] - r[i] - m[i]);
+}
+
+// ---- float64 loops (the gradcheck path: exact libm calls, speed is secondary) ---------------
+
+double bt_loss_f64(double d, double a) {
+  if (std::isnan(d)) return d;
+  const double tail = std::log1p(std::exp(-std::abs(d)));
+  return tail + (1.0 - a) * (d < 0.0 ? -d : 0.0) + a * (d > 0.0 ? d : 0.0);
+}
+
+double bt_grad_f64(double d, double a) {
+  if (std::isnan(d)) return d;
+  const double e = std::exp(-std::abs(d));
+  return (d >= 0.0 ? a - (1.0 - a) * e : a * e - (1.0 - a)) / (1.0 + e);
+}
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+// Divisor of a row's masked sum: count ** length_penalty, and 1 for an empty row (whose score
+// and gradient are 0 either way).
+double length_divisor(int64_t count, double length_penalty) {
+  if (count == 0 || length_penalty == 0.0) return 1.0;
+  if (length_penalty == 1.0) return static_cast<double>(count);
+  return std::pow(static_cast<double>(count), length_penalty);
+}
+
+// A [..., T] tensor as [N, T] rows that are each contiguous (leading dimensions may keep any
+// strides that reshape can express as one row stride; otherwise it copies).
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t row_length) {
+  at::Tensor r = t.reshape({rows, row_length});
+  if (row_length > 1 && r.stride(1) != 1) r = r.contiguous();
+  return r;
+}
+
+void check_length_penalty(double length_penalty) {
+  TORCH_CHECK_VALUE(std::isfinite(length_penalty) && length_penalty >= 0.0,
+                    "rlengine.sequence_scores: length_penalty must be a finite number >= 0, got ",
+                    length_penalty);
 }
 
 template <typename scalar_t>
-std::pair<double, int64_t> masked_row_sum(const scalar_t* x, int64_t x_stride, const bool* keep,
-                                          int64_t keep_stride, int64_t T) {
-  double total = 0.0;
-  int64_t count = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (x_stride == 1 && keep_stride == 1) return masked_row_sum_f32(x, keep, T);
-  }
-  if (x_stride == 1 && keep_stride == 1) {
-    RLENGINE_SIMD_REDUCE(+ : total, count)
-    for (int64_t t = 0; t < T; ++t) {
-      const double value = static_cast<double>(x[t]);
-      total += keep[t] ? value : 0.0;
-      count += keep[t];
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+struct RowSum {
+  double sum;  // fp32 chunk sums combined in double (which costs nothing)
+  int64_t count;
+};
+
+// Sum and count of the masked elements of one row of T (fp32 work for fp32/bf16/fp16 rows).
+template <typename scalar_t>
+RowSum masked_row_sum(const scalar_t* x, const uint8_t* mask, int64_t T, float* buffer) {
+  RowSum r{0.0, 0};
+  for (int64_t start = 0; start < T; start += kChunk) {
+    const int64_t n = std::min(kChunk, T - start);
+    const float* chunk;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      chunk = x + start;
+    } else {
+      to_float(x + start, buffer, n);
+      chunk = buffer;
     }
-  } else {
-    for (int64_t t = 0; t < T; ++t) {
-      const double value = static_cast<double>(x[t * x_stride]);
-      total += keep[t * keep_stride] ? value : 0.0;
-      count += keep[t * keep_stride];
-    }
+    const MaskedSum s = masked_sum_f32(chunk, mask + start, n);
+    r.sum += s.sum;
+    r.count += s.count;
   }
-  return {total, count};
+  return r;
 }
 
-void check_scores_args(const char* op, const at::Tensor& mask, double length_penalty) {
-  check_cpu(op, "mask", mask);
-  check_bool(op, "mask", mask);
-  TORCH_CHECK_VALUE(mask.dim() >= 1, "rlengine.", op, ": mask must have a sequence dimension");
-  TORCH_CHECK_VALUE(std::isfinite(length_penalty) && length_penalty >= 0.0, "rlengine.", op,
-                    ": length_penalty must be a finite number >= 0, got ", length_penalty);
+template <>
+RowSum masked_row_sum<double>(const double* x, const uint8_t* mask, int64_t T, float*) {
+  double sum = 0.0;
+  int64_t count = 0;
+  RLENGINE_SIMD_REDUCE(+ : sum, count)
+  for (int64_t t = 0; t < T; ++t) {
+    const bool keep = mask[t] != 0;
+    sum += keep ? x[t] : 0.0;
+    count += keep;
+  }
+  return {sum, count};
 }
+
+// out[t] = value where the mask is set, else 0, in the gradient's dtype.
+template <typename scalar_t>
+void masked_row_fill(const uint8_t* mask, double value, scalar_t* out, int64_t T) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    masked_fill_f32(mask, static_cast<float>(value), out, T);
+  } else {
+    const scalar_t v = static_cast<scalar_t>(value);
+    for (int64_t t = 0; t < T; ++t) out[t] = mask[t] != 0 ? v : scalar_t(0);
+  }
+}
+
+// ---- sequence_scores ---------------------------------------------------------------------------
 
 at::Tensor sequence_scores_cpu(const at::Tensor& token_logprobs, const at::Tensor& mask,
                                double length_penalty) {
   constexpr const char* op = "sequence_scores";
   check_cpu(op, "token_logprobs", token_logprobs);
+  check_cpu(op, "mask", mask);
   check_floating(op, "token_logprobs", token_logprobs);
-  check_scores_args(op, mask, length_penalty);
+  check_bool(op, "mask", mask);
+  TORCH_CHECK_VALUE(token_logprobs.dim() >= 1,
+                    "rlengine.sequence_scores: token_logprobs must have a token dimension, got a "
+                    "0-d tensor");
   check_shape(op, "mask", mask, token_logprobs.sizes());
-  const auto out_sizes = token_logprobs.sizes().slice(0, token_logprobs.dim() - 1);
-  at::Tensor scores = at::empty(out_sizes, token_logprobs.options().dtype(
-                                               result_dtype(token_logprobs)));
+  check_length_penalty(length_penalty);
+
+  const auto leading = token_logprobs.sizes().slice(0, token_logprobs.dim() - 1);
   const int64_t T = token_logprobs.size(-1);
-  if (scores.numel() == 0) return scores;
-  if (T == 0) return scores.zero_();
-  const RowView lp(token_logprobs), m(mask);
-  const int64_t rows = lp.rows.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, token_logprobs.scalar_type(), op, [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* x = lp.rows.const_data_ptr<scalar_t>();
-    const bool* keep = m.rows.const_data_ptr<bool>();
-    acc* out = scores.mutable_data_ptr<acc>();
-    at::parallel_for(0, rows, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const auto [total, count] = masked_row_sum(x + b * lp.row_stride, lp.col_stride,
-                                                   keep + b * m.row_stride, m.col_stride, T);
-        out[b] = static_cast<acc>(total / length_divisor(count, length_penalty));
+  const int64_t N = c10::multiply_integers(leading);
+  at::Tensor scores =
+      at::empty(leading, token_logprobs.options().dtype(result_dtype(token_logprobs)));
+  if (N == 0) return scores;
+  const at::Tensor x = as_rows(token_logprobs, N, T);
+  const at::Tensor m = as_rows(mask, N, T);
+  const int64_t x_stride = x.stride(0);
+  const int64_t m_stride = m.stride(0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using out_t = acc_type_t<scalar_t>;
+    const scalar_t* x_base = x.const_data_ptr<scalar_t>();
+    const uint8_t* m_base = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+    out_t* out = scores.mutable_data_ptr<out_t>();
+    at::parallel_for(0, N, rows_per_task(T), [&](int64_t begin, int64_t end) {
+      float buffer[kChunk];
+      for (int64_t row = begin; row < end; ++row) {
+        const RowSum r =
+            masked_row_sum(x_base + row * x_stride, m_base + row * m_stride, T, buffer);
+        out[row] = static_cast<out_t>(r.sum / length_divisor(r.count, length_penalty));
       }
     });
   });
   return scores;
 }
 
+int64_t row_mask_count(const uint8_t* mask, int64_t T) {
+  int64_t count = 0;
+  for (int64_t start = 0; start < T; start += kChunk) {
+    count += mask_count(mask + start, std::min(kChunk, T - start));
+  }
+  return count;
+}
+
 at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at::Tensor& mask,
                                         double length_penalty, at::ScalarType dtype) {
   constexpr const char* op = "sequence_scores_backward";
-  check_scores_args(op, mask, length_penalty);
   check_cpu(op, "grad_scores", grad_scores);
-  check_shape(op, "grad_scores", grad_scores, mask.sizes().slice(0, mask.dim() - 1));
-  at::Tensor grad = at::empty(mask.sizes(), mask.options().dtype(dtype));
+  check_cpu(op, "mask", mask);
+  check_bool(op, "mask", mask);
+  TORCH_CHECK_VALUE(mask.dim() >= 1, "rlengine.sequence_scores_backward: mask must have a token ",
+                    "dimension, got a 0-d tensor");
+  const auto leading = mask.sizes().slice(0, mask.dim() - 1);
+  check_shape(op, "grad_scores", grad_scores, leading);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                       dtype == at::kHalf,
+                   "rlengine.sequence_scores_backward: dtype must be float32, float64, bfloat16 "
+                   "or float16, got ", dtype);
+  check_length_penalty(length_penalty);
+
   const int64_t T = mask.size(-1);
+  const int64_t N = c10::multiply_integers(leading);
+  at::Tensor grad = at::empty(mask.sizes(), mask.options().dtype(dtype));
   if (grad.numel() == 0) return grad;
-  const RowView m(mask);
-  const at::Tensor g = grad_scores.reshape({-1}).to(at::kDouble).contiguous();
-  const int64_t rows = m.rows.size(0);
+  const at::Tensor m = as_rows(mask, N, T);
+  const int64_t m_stride = m.stride(0);
+  const at::Tensor g = grad_scores.to(at::kDouble).contiguous();  // N values: negligible
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
-    const bool* keep = m.rows.const_data_ptr<bool>();
+    const uint8_t* m_base = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     const double* g_ptr = g.const_data_ptr<double>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const bool* row = keep + b * m.row_stride;
-        int64_t count = 0;
-        RLENGINE_SIMD_REDUCE(+ : count)
-        for (int64_t t = 0; t < T; ++t) count += row[t * m.col_stride];
-        const auto share = static_cast<scalar_t>(g_ptr[b] / length_divisor(count, length_penalty));
-        scalar_t* out_row = out + b * T;
-        RLENGINE_SIMD
-        for (int64_t t = 0; t < T; ++t) out_row[t] = row[t * m.col_stride] ? share : scalar_t(0);
+    at::parallel_for(0, N, rows_per_task(T), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const uint8_t* mr = m_base + row * m_stride;
+        scalar_t* o = out + row * T;
+        const int64_t count = row_mask_count(mr, T);
+        if (count == 0) {
+          std::fill(o, o + T, scalar_t(0));  // nothing here reaches the score, not even NaN
+          continue;
+        }
+        masked_row_fill(mr, g_ptr[row] / length_divisor(count, length_penalty), o, T);
       }
     });
   });
   return grad;
 }
 
-// ---- rrhf_rank_loss ------------------------------------------------------------------------------
+// ---- rrhf_rank_loss ----------------------------------------------------------------------------
 
-struct RankInputs {
-  at::Tensor scores, rewards, valid;  // contiguous [B, K]; valid undefined when all are valid
-  int64_t B, K;
-};
-
-RankInputs check_rank_args(const char* op, const at::Tensor& scores, const at::Tensor& rewards,
-                           const std::optional<at::Tensor>& valid) {
+void check_rank_inputs(const char* op, const at::Tensor& scores, const at::Tensor& rewards,
+                       const std::optional<at::Tensor>& valid) {
   check_cpu(op, "scores", scores);
   check_cpu(op, "rewards", rewards);
   check_floating(op, "scores", scores);
   check_floating(op, "rewards", rewards);
   check_dim(op, "scores", scores, 2);
   check_shape(op, "rewards", rewards, scores.sizes());
-  RankInputs in{scores.contiguous(), rewards.to(at::kDouble).contiguous(), at::Tensor(),
-                scores.size(0), scores.size(1)};
   if (valid) {
     check_cpu(op, "valid", *valid);
     check_bool(op, "valid", *valid);
     check_shape(op, "valid", *valid, scores.sizes());
-    in.valid = valid->contiguous();
   }
-  return in;
 }
 
-// Calls visit(i, j) for every counted pair of one query: both valid and r_i < r_j (so ties and
-// NaN rewards are never counted).
+// One query's candidates, loaded as double: an invalid candidate's reward becomes NaN, so that
+// `r[i] < r[j]` alone decides whether a pair counts (ties and NaN rewards never do).
+struct QueryRow {
+  std::vector<double> score, reward, coefficient;
+  explicit QueryRow(int64_t K) : score(K), reward(K), coefficient(K) {}
+};
+
+// Calls visit(i, j, gap) for every pair that contributes: i and j valid, r_i < r_j, and the
+// hinge gap p_i - p_j not <= 0 (positive, or NaN, which passes through like torch.relu's value
+// and gradient). At p_i == p_j the pair contributes nothing: relu's subgradient at 0 is 0.
 template <typename Visit>
-void for_each_ranked_pair(const double* r, const bool* valid, int64_t K, Visit&& visit) {
+void for_each_active_pair(const QueryRow& q, int64_t K, Visit&& visit) {
+  const double* p = q.score.data();
+  const double* r = q.reward.data();
   for (int64_t i = 0; i < K; ++i) {
-    if (valid && !valid[i]) continue;
     for (int64_t j = 0; j < K; ++j) {
-      if (r[i] < r[j] && (!valid || valid[j])) visit(i, j);
+      if (!(r[i] < r[j])) continue;
+      const double gap = p[i] - p[j];
+      if (gap <= 0.0) continue;
+      visit(i, j, gap);
     }
   }
 }
 
-at::Tensor rrhf_rank_loss_cpu(const at::Tensor& scores_in, const at::Tensor& rewards_in,
-                              const std::optional<at::Tensor>& valid_in) {
+// Runs body(b, q, score_tag) over the queries b in parallel, with query b's candidates loaded
+// into q; score_tag is a null `score_t*` naming the scores' dtype. Inputs are read in place
+// with their strides (B x K is small; nothing is copied).
+template <typename Body>
+void for_each_query(const at::Tensor& scores, const at::Tensor& rewards,
+                    const std::optional<at::Tensor>& valid, Body&& body) {
+  const int64_t B = scores.size(0), K = scores.size(1);
+  const bool* v = valid ? valid->const_data_ptr<bool>() : nullptr;
+  const int64_t v0 = valid ? valid->stride(0) : 0, v1 = valid ? valid->stride(1) : 0;
+  const int64_t s0 = scores.stride(0), s1 = scores.stride(1);
+  const int64_t r0 = rewards.stride(0), r1 = rewards.stride(1);
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, K * K));
   constexpr const char* op = "rrhf_rank_loss";
-  const RankInputs in = check_rank_args(op, scores_in, rewards_in, valid_in);
-  at::Tensor loss = at::empty({in.B}, scores_in.options().dtype(result_dtype(scores_in)));
-  if (in.B == 0) return loss;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(), op, [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* p = in.scores.const_data_ptr<scalar_t>();
-    const double* r = in.rewards.const_data_ptr<double>();
-    const bool* valid = in.valid.defined() ? in.valid.const_data_ptr<bool>() : nullptr;
-    acc* out = loss.mutable_data_ptr<acc>();
-    const int64_t K = in.K;
-    at::parallel_for(0, in.B, rows_per_task(K * K), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* pb = p + b * K;
-        double total = 0.0;
-        for_each_ranked_pair(r + b * K, valid ? valid + b * K : nullptr, K, [&](int64_t i, int64_t j) {
-          const double gap = static_cast<double>(pb[i]) - static_cast<double>(pb[j]);
-          if (!(gap <= 0.0)) total += gap;  // max(0, gap), letting a NaN score through
-        });
-        out[b] = static_cast<acc>(total);
-      }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), op, [&] {
+    using score_t = scalar_t;
+    const score_t* s = scores.const_data_ptr<score_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), op, [&] {
+      const scalar_t* r = rewards.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+        QueryRow q(K);
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t k = 0; k < K; ++k) {
+            const bool ok = v == nullptr || v[b * v0 + k * v1];
+            q.score[k] = static_cast<double>(s[b * s0 + k * s1]);
+            q.reward[k] = ok ? static_cast<double>(r[b * r0 + k * r1])
+                             : std::numeric_limits<double>::quiet_NaN();
+          }
+          body(b, q, static_cast<score_t*>(nullptr));
+        }
+      });
+    });
+  });
+}
+
+at::Tensor rrhf_rank_loss_cpu(const at::Tensor& scores, const at::Tensor& rewards,
+                              const std::optional<at::Tensor>& valid) {
+  constexpr const char* op = "rrhf_rank_loss";
+  check_rank_inputs(op, scores, rewards, valid);
+  const int64_t B = scores.size(0), K = scores.size(1);
+  at::Tensor loss = at::zeros({B}, scores.options().dtype(result_dtype(scores)));
+  if (B == 0 || K < 2) return loss;
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), op, [&] {
+    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
+    for_each_query(scores, rewards, valid, [&](int64_t b, QueryRow& q, auto) {
+      double total = 0.0;
+      for_each_active_pair(q, K, [&](int64_t, int64_t, double gap) { total += gap; });
+      out[b] = static_cast<scalar_t>(total);
     });
   });
   return loss;
 }
 
-at::Tensor rrhf_rank_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& scores_in,
-                                       const at::Tensor& rewards_in,
-                                       const std::optional<at::Tensor>& valid_in) {
+at::Tensor rrhf_rank_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& scores,
+                                       const at::Tensor& rewards,
+                                       const std::optional<at::Tensor>& valid) {
   constexpr const char* op = "rrhf_rank_loss_backward";
-  const RankInputs in = check_rank_args(op, scores_in, rewards_in, valid_in);
+  check_rank_inputs(op, scores, rewards, valid);
   check_cpu(op, "grad_loss", grad_loss);
-  check_shape(op, "grad_loss", grad_loss, {in.B});
-  at::Tensor grad = at::zeros({in.B, in.K}, scores_in.options());
-  if (grad.numel() == 0) return grad;
-  const at::Tensor g = grad_loss.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(), op, [&] {
-    const scalar_t* p = in.scores.const_data_ptr<scalar_t>();
-    const double* r = in.rewards.const_data_ptr<double>();
-    const bool* valid = in.valid.defined() ? in.valid.const_data_ptr<bool>() : nullptr;
-    const double* g_ptr = g.const_data_ptr<double>();
-    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const int64_t K = in.K;
-    at::parallel_for(0, in.B, rows_per_task(K * K), [&](int64_t begin, int64_t end) {
-      std::vector<double> row_grad(static_cast<size_t>(K));
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* pb = p + b * K;
-        std::fill(row_grad.begin(), row_grad.end(), 0.0);
-        for_each_ranked_pair(r + b * K, valid ? valid + b * K : nullptr, K, [&](int64_t i, int64_t j) {
-          // d max(0, p_i - p_j): +1 to p_i, -1 to p_j where the gap is positive (0 at a tie,
-          // as torch.relu).
-          if (static_cast<double>(pb[i]) - static_cast<double>(pb[j]) > 0.0) {
-            row_grad[i] += 1.0;
-            row_grad[j] -= 1.0;
-          }
-        });
-        for (int64_t k = 0; k < K; ++k) out[b * K + k] = static_cast<scalar_t>(g_ptr[b] * row_grad[k]);
-      }
+  const int64_t B = scores.size(0), K = scores.size(1);
+  check_shape(op, "grad_loss", grad_loss, {B});
+  at::Tensor grad = at::zeros({B, K}, scores.options());
+  if (B == 0 || K < 2) return grad;
+  const at::Tensor g = grad_loss.to(at::kDouble).contiguous();  // B values
+  const double* g_ptr = g.const_data_ptr<double>();
+  void* out = grad.mutable_data_ptr();
+  for_each_query(scores, rewards, valid, [&](int64_t b, QueryRow& q, auto score_tag) {
+    using score_t = std::remove_pointer_t<decltype(score_tag)>;
+    // Net count of active pairs in which each candidate is the worse (+1) or the better (-1)
+    // one: small integers, exact in double, so each gradient is rounded once.
+    double* c = q.coefficient.data();
+    std::fill(c, c + K, 0.0);
+    bool any = false;
+    for_each_active_pair(q, K, [&](int64_t i, int64_t j, double) {
+      c[i] += 1.0;
+      c[j] -= 1.0;
+      any = true;
     });
+    if (!any) return;  // the row stays zero, whatever grad_loss holds
+    score_t* o = static_cast<score_t*>(out) + b * K;
+    for (int64_t k = 0; k < K; ++k) o[k] = static_cast<score_t>(g_ptr[b] * c[k]);
   });
   return grad;
 }
 
-// ---- bt_loss ---------------------------------------------------------------------------------
-//
-// With L = log1p(exp(-|delta|)) (one exp and one log per pair, exact in both tails):
-//   softplus(delta) = max(delta, 0) + L,  softplus(-delta) = max(-delta, 0) + L
-//   loss = (1 - a) softplus(-delta) + a softplus(delta)
-//   dloss/ddelta = a - sigmoid(-delta)  (not sigmoid(delta) - (1 - a), which cancels to 0 for
-//                                        large delta),  dloss/da = delta.
-// fp32 loops use the vectorizable exp_nonpositive / log1p_unit, so the kernel runs at the
-// machine's vector width; float64 uses libm.
+// ---- bt_loss -----------------------------------------------------------------------------------
 
-// Per-pair inputs in the working precision, flattened; margin and smoothing either a per-pair
-// array or a scalar.
-template <typename acc>
-struct Pairs {
-  const acc* chosen;
-  const acc* rejected;
-  const acc* margin;     // nullptr: margin_value for every pair
-  const acc* smoothing;  // nullptr: smoothing_value for every pair
-  acc margin_value, smoothing_value;
-  int64_t n;
+// One input of the elementwise BT kernels in the working precision acc_t: a contiguous tensor,
+// or one value shared by every element (a Python number, a 0-d tensor, or an expanded scalar
+// such as the incoming gradient of loss.mean(), which is then never copied).
+template <typename acc_t>
+struct Operand {
+  const void* data = nullptr;  // nullptr: every element is `value`
+  at::ScalarType dtype = c10::CppTypeToScalarType<acc_t>::value;
+  acc_t value = 0;
+  at::Tensor storage;  // keeps a converted copy alive
 };
 
-template <typename acc>
-RLENGINE_INLINE acc log1p_exp_neg(acc abs_delta) {  // log1p(exp(-|delta|))
-  if constexpr (std::is_same_v<acc, float>) {
-    return log1p_unit(exp_nonpositive(-abs_delta));
+template <typename acc_t>
+Operand<acc_t> make_operand(const std::optional<at::Tensor>& t, double fallback) {
+  Operand<acc_t> o;
+  if (!t || !t->defined()) {
+    o.value = static_cast<acc_t>(fallback);
+    return o;
+  }
+  const auto& s = t->strides();
+  const bool broadcast =
+      t->numel() >= 1 && std::all_of(s.begin(), s.end(), [](int64_t v) { return v == 0; });
+  if (t->numel() == 1 || broadcast) {
+    // A 0-d view of the first element: reshaping an expanded tensor would copy all of it.
+    o.value = static_cast<acc_t>(t->as_strided({}, {}).item<double>());
+    return o;
+  }
+  const at::ScalarType d = t->scalar_type();
+  // fp32 work reads bf16/fp16 chunks itself; anything else not in acc_t is converted once.
+  const bool readable = d == o.dtype || (std::is_same_v<acc_t, float> &&
+                                         (d == at::kBFloat16 || d == at::kHalf));
+  o.storage = readable ? t->contiguous() : t->to(o.dtype).contiguous();
+  o.dtype = o.storage.scalar_type();
+  o.data = o.storage.const_data_ptr();
+  return o;
+}
+
+// Per-thread view of an Operand, chunk by chunk.
+template <typename acc_t>
+class ChunkReader {
+ public:
+  explicit ChunkReader(const Operand<acc_t>& o) : o_(o) {
+    if (o_.data == nullptr) std::fill(buffer_, buffer_ + kChunk, o_.value);
+  }
+  const acc_t* read(int64_t start, int64_t n) {
+    if (o_.data == nullptr) return buffer_;
+    if (o_.dtype == c10::CppTypeToScalarType<acc_t>::value) {
+      return static_cast<const acc_t*>(o_.data) + start;
+    }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (o_.dtype == at::kBFloat16) {
+        to_float(static_cast<const c10::BFloat16*>(o_.data) + start, buffer_, n);
+      } else {
+        to_float(static_cast<const c10::Half*>(o_.data) + start, buffer_, n);
+      }
+    }
+    return buffer_;
+  }
+
+ private:
+  const Operand<acc_t>& o_;
+  acc_t buffer_[kChunk];
+};
+
+// One chunk of the BT loss / gradient in the working precision (fp32 SIMD or float64 libm).
+template <typename acc_t>
+void bt_loss_chunk(const acc_t* c, const acc_t* r, const acc_t* m, const acc_t* a, acc_t* loss,
+                   int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    bt_loss_f32(c, r, m, a, loss, n);
   } else {
-    return std::log1p(std::exp(-abs_delta));
+    for (int64_t i = 0; i < n; ++i) loss[i] = bt_loss_f64(c[i] - r[i] - m[i], a[i]);
   }
 }
 
-template <typename acc>
-RLENGINE_INLINE acc sigmoid_of_negated(acc delta) {  // sigmoid(-delta)
-  const acc e = std::is_same_v<acc, float> ? exp_nonpositive(-std::abs(delta))
-                                           : std::exp(-std::abs(delta));
-  return (delta >= 0 ? e : acc(1)) / (acc(1) + e);
-}
-
-// The loops are instantiated for each combination of per-pair / scalar margin and smoothing,
-// so that their bodies have no conditional loads and vectorize.
-template <typename acc, bool kMarginArray, bool kSmoothingArray>
-RLENGINE_INLINE void bt_forward_loop(const Pairs<acc>& p, acc* out, int64_t begin, int64_t end) {
-  RLENGINE_SIMD
-  for (int64_t i = begin; i < end; ++i) {
-    const acc delta =
-        p.chosen[i] - p.rejected[i] - (kMarginArray ? p.margin[i] : p.margin_value);
-    const acc a = kSmoothingArray ? p.smoothing[i] : p.smoothing_value;
-    const acc shared = log1p_exp_neg(std::abs(delta));
-    out[i] = (acc(1) - a) * (std::max(-delta, acc(0)) + shared) +
-             a * (std::max(delta, acc(0)) + shared);
+template <typename acc_t>
+void bt_grad_chunk(const acc_t* c, const acc_t* r, const acc_t* m, const acc_t* a,
+                   const acc_t* g, acc_t* grad_delta, acc_t* grad_a, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    bt_grad_f32(c, r, m, a, g, grad_delta, grad_a, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = c[i] - r[i] - m[i];
+      grad_delta[i] = g[i] * bt_grad_f64(d, a[i]);
+      if (grad_a) grad_a[i] = g[i] * d;
+    }
   }
 }
 
-template <typename acc, bool kMarginArray, bool kSmoothingArray>
-RLENGINE_INLINE void bt_backward_loop(const Pairs<acc>& p, const acc* grad, acc* grad_delta,
-                             acc* grad_smoothing, int64_t begin, int64_t end) {
-  RLENGINE_SIMD
-  for (int64_t i = begin; i < end; ++i) {
-    const acc delta =
-        p.chosen[i] - p.rejected[i] - (kMarginArray ? p.margin[i] : p.margin_value);
-    const acc a = kSmoothingArray ? p.smoothing[i] : p.smoothing_value;
-    grad_delta[i] = grad[i] * (a - sigmoid_of_negated(delta));
-    grad_smoothing[i] = grad[i] * delta;
-  }
-}
-
-template <typename acc>
-RLENGINE_INLINE void bt_forward_range(const Pairs<acc>& p, acc* out, int64_t begin, int64_t end) {
-  if (p.margin && p.smoothing) bt_forward_loop<acc, true, true>(p, out, begin, end);
-  else if (p.margin) bt_forward_loop<acc, true, false>(p, out, begin, end);
-  else if (p.smoothing) bt_forward_loop<acc, false, true>(p, out, begin, end);
-  else bt_forward_loop<acc, false, false>(p, out, begin, end);
-}
-
-template <typename acc>
-RLENGINE_INLINE void bt_backward_range(const Pairs<acc>& p, const acc* grad, acc* grad_delta,
-                              acc* grad_smoothing, int64_t begin, int64_t end) {
-  if (p.margin && p.smoothing)
-    bt_backward_loop<acc, true, true>(p, grad, grad_delta, grad_smoothing, begin, end);
-  else if (p.margin)
-    bt_backward_loop<acc, true, false>(p, grad, grad_delta, grad_smoothing, begin, end);
-  else if (p.smoothing)
-    bt_backward_loop<acc, false, true>(p, grad, grad_delta, grad_smoothing, begin, end);
-  else
-    bt_backward_loop<acc, false, false>(p, grad, grad_delta, grad_smoothing, begin, end);
-}
-
-// The fp32 loops as target clones (the inline templates above compile once per vector ISA).
-RLENGINE_SIMD_CLONES void bt_forward_f32(const Pairs<float>& p, float* out, int64_t begin,
-                                         int64_t end) {
-  bt_forward_range(p, out, begin, end);
-}
-RLENGINE_SIMD_CLONES void bt_backward_f32(const Pairs<float>& p, const float* grad,
-                                          float* grad_delta, float* grad_smoothing,
-                                          int64_t begin, int64_t end) {
-  bt_backward_range(p, grad, grad_delta, grad_smoothing, begin, end);
-}
-
-// Overloads pick the vector clones for fp32 and the libm loops for float64.
-inline void bt_forward(const Pairs<float>& p, float* out, int64_t begin, int64_t end) {
-  bt_forward_f32(p, out, begin, end);
-}
-inline void bt_forward(const Pairs<double>& p, double* out, int64_t begin, int64_t end) {
-  bt_forward_range(p, out, begin, end);
-}
-inline void bt_backward(const Pairs<float>& p, const float* grad, float* grad_delta,
-                        float* grad_smoothing, int64_t begin, int64_t end) {
-  bt_backward_f32(p, grad, grad_delta, grad_smoothing, begin, end);
-}
-inline void bt_backward(const Pairs<double>& p, const double* grad, double* grad_delta,
-                        double* grad_smoothing, int64_t begin, int64_t end) {
-  bt_backward_range(p, grad, grad_delta, grad_smoothing, begin, end);
-}
-
-// Validates the arguments and converts the tensors to contiguous arrays of the working
-// precision (a copy only where the dtype or layout differs).
-struct PairTensors {
-  at::Tensor chosen, rejected, margin, smoothing;
-};
-
-PairTensors check_pair_args(const char* op, const at::Tensor& chosen, const at::Tensor& rejected,
-                            const std::optional<at::Tensor>& margin,
-                            const std::optional<at::Tensor>& smoothing, double margin_value,
-                            double smoothing_value) {
+void check_bt_inputs(const char* op, const at::Tensor& chosen, const at::Tensor& rejected,
+                     const std::optional<at::Tensor>& margin,
+                     const std::optional<at::Tensor>& label_smoothing) {
   check_cpu(op, "chosen", chosen);
   check_cpu(op, "rejected", rejected);
   check_floating(op, "chosen", chosen);
-  check_floating(op, "rejected", rejected);
+  TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(), "rlengine.", op,
+                   ": rejected must have the dtype of chosen (", chosen.scalar_type(), "), got ",
+                   rejected.scalar_type());
   check_shape(op, "rejected", rejected, chosen.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(margin_value), "rlengine.", op, ": margin must be finite");
-  TORCH_CHECK_VALUE(std::isfinite(smoothing_value) && smoothing_value >= 0.0 &&
-                        smoothing_value <= 1.0,
-                    "rlengine.", op, ": label_smoothing must be in [0, 1], got ", smoothing_value);
-  const at::ScalarType acc = result_dtype(chosen);
-  const auto flat = [acc](const at::Tensor& t) { return t.reshape({-1}).to(acc).contiguous(); };
-  PairTensors in{flat(chosen), flat(rejected), at::Tensor(), at::Tensor()};
-  const auto optional_pairs = [&](const std::optional<at::Tensor>& t, const char* name) {
-    if (!t) return at::Tensor();
+  const auto check_optional = [&](const char* name, const std::optional<at::Tensor>& t) {
+    if (!t) return;
     check_cpu(op, name, *t);
     check_floating(op, name, *t);
-    check_shape(op, name, *t, chosen.sizes());
-    return flat(*t);
+    TORCH_CHECK_VALUE(t->dim() == 0 || t->sizes() == chosen.sizes(), "rlengine.", op, ": ", name,
+                      " must be 0-d or have the shape of chosen ", chosen.sizes(), ", got ",
+                      t->sizes());
   };
-  in.margin = optional_pairs(margin, "margin");
-  in.smoothing = optional_pairs(smoothing, "label_smoothing");
-  return in;
+  check_optional("margin", margin);
+  check_optional("label_smoothing", label_smoothing);
 }
 
-template <typename acc>
-Pairs<acc> pairs_of(const PairTensors& in, double margin_value, double smoothing_value) {
-  const auto ptr = [](const at::Tensor& t) {
-    return t.defined() ? t.const_data_ptr<acc>() : nullptr;
-  };
-  return {ptr(in.chosen),  ptr(in.rejected), ptr(in.margin), ptr(in.smoothing),
-          static_cast<acc>(margin_value), static_cast<acc>(smoothing_value), in.chosen.numel()};
+template <typename acc_t>
+struct BtOperands {
+  Operand<acc_t> chosen, rejected, margin, smoothing;
+};
+
+template <typename acc_t>
+BtOperands<acc_t> bt_operands(const at::Tensor& chosen, const at::Tensor& rejected,
+                              const std::optional<at::Tensor>& margin,
+                              const std::optional<at::Tensor>& label_smoothing,
+                              double margin_value, double label_smoothing_value) {
+  return {make_operand<acc_t>(chosen, 0.0), make_operand<acc_t>(rejected, 0.0),
+          make_operand<acc_t>(margin, margin_value),
+          make_operand<acc_t>(label_smoothing, label_smoothing_value)};
 }
 
 at::Tensor bt_loss_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
@@ -433,14 +561,25 @@ at::Tensor bt_loss_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
                        const std::optional<at::Tensor>& label_smoothing, double margin_value,
                        double label_smoothing_value) {
   constexpr const char* op = "bt_loss";
-  const PairTensors in = check_pair_args(op, chosen, rejected, margin, label_smoothing,
-                                         margin_value, label_smoothing_value);
+  check_bt_inputs(op, chosen, rejected, margin, label_smoothing);
   at::Tensor loss = at::empty(chosen.sizes(), chosen.options().dtype(result_dtype(chosen)));
+  const int64_t n_total = chosen.numel();
+  if (n_total == 0) return loss;
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), op, [&] {
-    const Pairs<scalar_t> p = pairs_of<scalar_t>(in, margin_value, label_smoothing_value);
-    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
-      bt_forward(p, out, begin, end);
+    using acc_t = scalar_t;
+    const auto in = bt_operands<acc_t>(chosen, rejected, margin, label_smoothing, margin_value,
+                                       label_smoothing_value);
+    acc_t* out = loss.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, n_total, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+      ChunkReader<acc_t> c(in.chosen), r(in.rejected), m(in.margin), a(in.smoothing);
+      for (int64_t start = begin; start < end; start += kChunk) {
+        const int64_t n = std::min(kChunk, end - start);
+        const acc_t* cp = c.read(start, n);
+        const acc_t* rp = r.read(start, n);
+        const acc_t* mp = m.read(start, n);
+        const acc_t* ap = a.read(start, n);
+        bt_loss_chunk(cp, rp, mp, ap, out + start, n);
+      }
     });
   });
   return loss;
@@ -451,22 +590,36 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_backward_cpu(
     const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& label_smoothing,
     double margin_value, double label_smoothing_value) {
   constexpr const char* op = "bt_loss_backward";
-  const PairTensors in = check_pair_args(op, chosen, rejected, margin, label_smoothing,
-                                         margin_value, label_smoothing_value);
+  check_bt_inputs(op, chosen, rejected, margin, label_smoothing);
   check_cpu(op, "grad_loss", grad_loss);
+  check_floating(op, "grad_loss", grad_loss);
   check_shape(op, "grad_loss", grad_loss, chosen.sizes());
-  const at::ScalarType acc = result_dtype(chosen);
-  const at::Tensor grad = grad_loss.reshape({-1}).to(acc).contiguous();
-  const auto options = chosen.options().dtype(acc);
+  const auto options = chosen.options().dtype(result_dtype(chosen));
   at::Tensor grad_delta = at::empty(chosen.sizes(), options);
-  at::Tensor grad_smoothing = at::empty(chosen.sizes(), options);
-  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
-    const Pairs<scalar_t> p = pairs_of<scalar_t>(in, margin_value, label_smoothing_value);
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    scalar_t* out_delta = grad_delta.mutable_data_ptr<scalar_t>();
-    scalar_t* out_smoothing = grad_smoothing.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
-      bt_backward(p, g, out_delta, out_smoothing, begin, end);
+  // Only a tensor label smoothing has a gradient; per element, like grad_delta (the autograd
+  // formula sums it for a 0-d one).
+  at::Tensor grad_smoothing =
+      at::empty(label_smoothing ? chosen.sizes() : at::IntArrayRef{0}, options);
+  const int64_t n_total = chosen.numel();
+  if (n_total == 0) return {grad_delta, grad_smoothing};
+  AT_DISPATCH_FLOATING_TYPES(grad_delta.scalar_type(), op, [&] {
+    using acc_t = scalar_t;
+    const auto in = bt_operands<acc_t>(chosen, rejected, margin, label_smoothing, margin_value,
+                                       label_smoothing_value);
+    const auto grad_in = make_operand<acc_t>(grad_loss, 0.0);
+    acc_t* gd = grad_delta.mutable_data_ptr<acc_t>();
+    acc_t* ga = label_smoothing ? grad_smoothing.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n_total, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+      ChunkReader<acc_t> c(in.chosen), r(in.rejected), m(in.margin), a(in.smoothing), g(grad_in);
+      for (int64_t start = begin; start < end; start += kChunk) {
+        const int64_t n = std::min(kChunk, end - start);
+        const acc_t* cp = c.read(start, n);
+        const acc_t* rp = r.read(start, n);
+        const acc_t* mp = m.read(start, n);
+        const acc_t* ap = a.read(start, n);
+        const acc_t* gp = g.read(start, n);
+        bt_grad_chunk(cp, rp, mp, ap, gp, gd + start, ga ? ga + start : nullptr, n);
+      }
     });
   });
   return {grad_delta, grad_smoothing};

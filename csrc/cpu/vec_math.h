@@ -68,31 +68,6 @@ RLENGINE_INLINE float exp_nonpositive(float x) {
 // The functions below are defined in vec_math.cpp with RLENGINE_SIMD_CLONES; the declarations
 // must not carry the attribute, so that callers go through the resolver of the plain symbol.
 
-// log(1 + y) for y in [0, 1], relative error ~1e-7, branch-free. log(u) of u = 1 + y by the
-// atanh series on the mantissa, then the classic correction log1p(y) = log(u) * y / (u - 1),
-// which restores the low bits of y that 1 + y rounded away (and is y itself when u == 1).
-RLENGINE_INLINE float log1p_unit(float y) {
-  const float u = 1.0f + y;
-  const uint32_t bits = float_to_bits(u);
-  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F800000u);  // mantissa in [1, 2)
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
-  const bool high = m > 1.41421356f;
-  m = high ? 0.5f * m : m;  // now in [sqrt(1/2), sqrt(2)): |s| <= 0.1716 below
-  e = high ? e + 1.0f : e;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  float series = 1.0f / 9.0f;
-  series = series * s2 + 1.0f / 7.0f;
-  series = series * s2 + 1.0f / 5.0f;
-  series = series * s2 + 1.0f / 3.0f;
-  series = series * s2 + 1.0f;
-  const float log_u = e * 0.693147180559945309f + 2.0f * s * series;
-  const float denominator = u - 1.0f;
-  const bool exact = denominator == 0.0f;  // y below half an ulp of 1: log1p(y) = y
-  const float corrected = log_u * (y / (exact ? 1.0f : denominator));
-  return exact ? y : corrected;
-}
-
 // ---- conversions between storage dtypes and fp32 working buffers ---------------------------
 
 void to_float(const c10::BFloat16* in, float* out, int64_t n);
