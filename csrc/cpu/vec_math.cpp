@@ -44,6 +44,9 @@ RLENGINE_SIMD_CLONES ChunkMax chunk_max(const float* x, int64_t n) {
   return {m, nan_count != 0};
 }
 
+// Terms below exp(kExpUnderflow) = 4e-38 are summed as that value rather than 0: against the
+// row's largest term (exactly 1) they cannot change an fp32 sum, and skipping the exact-zero
+// select keeps the hottest loop of the library two instructions shorter.
 RLENGINE_SIMD_CLONES ChunkSums chunk_sum_exp(const float* x, int64_t n, float scale, float shift,
                                              bool want_weighted) {
   float sum = 0.0f;
@@ -52,14 +55,17 @@ RLENGINE_SIMD_CLONES ChunkSums chunk_sum_exp(const float* x, int64_t n, float sc
     RLENGINE_SIMD_REDUCE(+ : sum, weighted)
     for (int64_t i = 0; i < n; ++i) {
       float d = x[i] * scale - shift;
-      d = d >= kExpUnderflow ? d : kExpUnderflow;  // keeps 0 * (-inf) out of the weighted sum
-      const float e = exp_nonpositive(d);
+      d = d >= kExpUnderflow ? d : kExpUnderflow;  // also keeps 0 * (-inf) out of the sum
+      const float e = exp_in_range(d);
       sum += e;
       weighted += e * d;
     }
   } else {
     RLENGINE_SIMD_REDUCE(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += exp_nonpositive(x[i] * scale - shift);
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = x[i] * scale - shift;
+      sum += exp_in_range(d >= kExpUnderflow ? d : kExpUnderflow);
+    }
   }
   return {sum, weighted};
 }

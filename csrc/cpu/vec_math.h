@@ -41,12 +41,11 @@ constexpr float kExpUnderflow = -86.0f;
 RLENGINE_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 RLENGINE_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
-// exp(x) for x <= 0 (x may be -inf), relative error < 1e-7, branch-free so it vectorizes.
+// exp(x) for x in [kExpUnderflow, 0], relative error < 1e-7, branch-free so it vectorizes.
 // Range reduction x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, ln2 split in two), a degree-7
-// Taylor polynomial for exp(r), and 2^n put straight into the exponent bits.
-RLENGINE_INLINE float exp_nonpositive(float x) {
-  const float keep = x >= kExpUnderflow ? 1.0f : 0.0f;
-  x = x >= kExpUnderflow ? x : kExpUnderflow;
+// Taylor polynomial for exp(r), and 2^n put straight into the exponent bits (valid because
+// x >= kExpUnderflow keeps 2^n a normal float).
+RLENGINE_INLINE float exp_in_range(float x) {
   const float round_shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * 1.44269504088896341f + round_shift;
   const int32_t n = static_cast<int32_t>(float_to_bits(t)) - static_cast<int32_t>(float_to_bits(round_shift));
@@ -61,8 +60,13 @@ RLENGINE_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scaled = bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(n) << 23));
-  return scaled * keep;
+  return bits_to_float(float_to_bits(p) + (static_cast<uint32_t>(n) << 23));
+}
+
+// exp(x) for any x <= 0 (x may be -inf): exactly 0 below kExpUnderflow.
+RLENGINE_INLINE float exp_nonpositive(float x) {
+  const float keep = x >= kExpUnderflow ? 1.0f : 0.0f;
+  return exp_in_range(x >= kExpUnderflow ? x : kExpUnderflow) * keep;
 }
 
 // The functions below are defined in vec_math.cpp with RLENGINE_SIMD_CLONES; the declarations
