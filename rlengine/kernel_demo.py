@@ -139,6 +139,9 @@ def run(batch: int = 8, seq_len: int = 256, vocab_size: int = 32000, repeats: in
             lambda: reference.gae(step_rewards, values, response, gamma=1.0, lam=0.95))
 
     _, entropy = ops.token_logprobs(logits, labels, with_entropy=True)
+    # Label-aligned arrays: the token at index j is ids[:, j + 1], and the entropy that decides
+    # whether it ends a segment is that of the distribution after it, entropy[:, j + 1].
+    entropy = torch.nn.functional.pad(entropy[:, 1:], (0, 1))
     threshold = float(entropy[response].median())
     compare("entropy_segments", f"{batch}x{seq_len - 1}",
             lambda: ops.entropy_segments(entropy, response, threshold=threshold),
