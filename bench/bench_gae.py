@@ -118,7 +118,7 @@ def verl_masked_loop_returns(rewards, mask, gamma):
 
 
 GAE_IMPLEMENTATIONS = {
-    "rlengine": lambda r, v, m, g, l: ops.gae(r, v, m, gamma=g, lam=l),
+    "rlengine": lambda r, v, m, gamma, lam: ops.gae(r, v, m, gamma=gamma, lam=lam),
     "python_loop": python_loop_gae,
     "verl_masked_loop": verl_masked_loop_gae,
     "torch_vectorized": torch_vectorized_gae,

@@ -87,7 +87,8 @@ def target_lines(groups):
         den = (num_case[t.numerator][t.scale_by_info] if t.scale_by_info
                else den_case[t.denominator][t.field])
         ratio = num / den
-        ok = (t.at_least is None or ratio >= t.at_least) and (t.at_most is None or ratio <= t.at_most)
+        ok = ((t.at_least is None or ratio >= t.at_least)
+              and (t.at_most is None or ratio <= t.at_most))
         bound = f">= {t.at_least:g}" if t.at_least is not None else f"<= {t.at_most:g}"
         lines.append(f"| {t.what} | {bound} | {ratio:.3g} | {'met' if ok else 'NOT met'} |")
     return lines

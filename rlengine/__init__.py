@@ -4,8 +4,10 @@
 Python functions; importing rlengine loads the compiled extension that provides them.
 """
 
-from rlengine import _extension  # noqa: F401  (loads and registers the compiled kernels)
-from rlengine import ops
+from rlengine import (
+    _extension,  # noqa: F401  (loads and registers the compiled kernels)
+    ops,
+)
 
 __version__ = "0.1.0"
 __all__ = ["ops", "__version__"]

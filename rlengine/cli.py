@@ -26,7 +26,8 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per sequence (default 256)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op (default 5)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")

@@ -25,6 +25,11 @@ GRADIENT_TOLERANCE = {
 }
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every op returns for inputs of this dtype: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def to64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
 

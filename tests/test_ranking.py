@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, FP32_EPS, GRADIENT_TOLERANCE, assert_matches, noncontiguous, to64
+from helpers import (
+    DTYPES,
+    FP32_EPS,
+    GRADIENT_TOLERANCE,
+    assert_matches,
+    noncontiguous,
+    result_dtype,
+    to64,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,9 +26,6 @@ from rlengine.ops import reference
 RANKING_OPS = ("sequence_scores", "sequence_scores_backward", "rrhf_rank_loss",
                "rrhf_rank_loss_backward", "bt_loss", "bt_loss_backward")
 
-
-def _result_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _looser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -42,7 +47,7 @@ def _check_sequence_scores(x, mask, length_penalty=1.0):
     ref = to64(x).requires_grad_()
     out = ops.sequence_scores(ours, mask, length_penalty=length_penalty)
     expected = reference.sequence_scores(ref, mask, length_penalty=length_penalty)
-    assert out.dtype == _result_dtype(dtype) and out.shape == x.shape[:-1]
+    assert out.dtype == result_dtype(dtype) and out.shape == x.shape[:-1]
     # fp32 sums carry ~eps * sum|x| of rounding (it matters for the plain sum, length_penalty 0).
     kept = torch.where(mask.bool(), x.double().abs(), 0).sum(-1) if x.numel() else x.double()
     slack = 0.0 if dtype == torch.float64 or not kept.numel() else 8 * FP32_EPS * float(kept.max())
@@ -134,7 +139,7 @@ def test_sequence_scores_opcheck(dtype):
     mask = torch.rand(4, 3, 13) < 0.5
     torch.library.opcheck(torch.ops.rlengine.sequence_scores.default, (x, mask, 0.8))
     torch.library.opcheck(torch.ops.rlengine.sequence_scores_backward.default,
-                          (torch.randn(4, 3).to(_result_dtype(dtype)), mask, 0.8, dtype))
+                          (torch.randn(4, 3).to(result_dtype(dtype)), mask, 0.8, dtype))
 
 
 def test_sequence_scores_compiles_fullgraph():
@@ -217,7 +222,7 @@ def _check_rank_loss(scores, rewards, valid=None):
     ref = to64(scores).requires_grad_()
     out = ops.rrhf_rank_loss(ours, rewards, valid)
     expected = reference.rrhf_rank_loss(ref, to64(rewards), valid)
-    assert out.dtype == _result_dtype(dtype) and out.shape == (scores.shape[0],)
+    assert out.dtype == result_dtype(dtype) and out.shape == (scores.shape[0],)
     assert_matches(out, expected, dtype, what="rank loss")
     grad = torch.randn(out.shape, dtype=torch.float64)
     grad = torch.where(torch.isfinite(expected), grad, 0)
@@ -340,7 +345,7 @@ def test_rrhf_rank_loss_opcheck(dtype, with_valid):
     valid = torch.rand(5, 4) < 0.7 if with_valid else None
     torch.library.opcheck(torch.ops.rlengine.rrhf_rank_loss.default, (p, r, valid))
     torch.library.opcheck(torch.ops.rlengine.rrhf_rank_loss_backward.default,
-                          (torch.randn(5).to(_result_dtype(dtype)), p.detach(), r, valid))
+                          (torch.randn(5).to(result_dtype(dtype)), p.detach(), r, valid))
 
 
 def test_rrhf_rank_loss_compiles_fullgraph():
@@ -437,7 +442,7 @@ def _check_bt(chosen, rejected, margin=None, smoothing=0.0):
                       label_smoothing=ours["label_smoothing"])
     expected = reference.bt_loss(refs["chosen"], refs["rejected"], margin=refs["margin"],
                                  label_smoothing=refs["label_smoothing"])
-    assert out.dtype == _result_dtype(dtype) and out.shape == chosen.shape
+    assert out.dtype == result_dtype(dtype) and out.shape == chosen.shape
     # delta is formed in fp32: its rounding is ~eps * (|chosen| + |rejected| + |margin|).
     size = chosen.double().abs() + rejected.double().abs()
     if isinstance(margin, torch.Tensor):
@@ -630,7 +635,7 @@ def test_bt_loss_opcheck(dtype, kinds):
     torch.library.opcheck(torch.ops.rlengine.bt_loss.default, (c, r, m, a, 0.2, 0.1))
     detach = (lambda t: None if t is None else t.detach())
     torch.library.opcheck(torch.ops.rlengine.bt_loss_backward.default,
-                          (torch.randn(6).to(_result_dtype(dtype)), c.detach(), r.detach(),
+                          (torch.randn(6).to(result_dtype(dtype)), c.detach(), r.detach(),
                            detach(m), detach(a), 0.2, 0.1))
 
 

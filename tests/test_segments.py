@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_matches, noncontiguous, to64
+from helpers import DTYPES, assert_matches, noncontiguous, result_dtype, to64
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,9 +53,6 @@ def _arbitrary_segments(batch: int, steps: int, extra_segments: int = 2):
     return ids, counts
 
 
-def _result_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _check_reduce(values, ids, counts, reduce):
     """Kernel forward and backward (random incoming gradient) equal the float64 reference's."""
@@ -64,7 +61,7 @@ def _check_reduce(values, ids, counts, reduce):
     x64 = to64(values).requires_grad_()
     out = ops.segment_reduce(x, ids, counts, reduce=reduce)
     ref = reference.segment_reduce(x64, ids, counts, reduce=reduce)
-    assert out.dtype == _result_dtype(dtype)
+    assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"segment_reduce {reduce}")
     grad = torch.randn(ref.shape, dtype=torch.float64)
     out.backward(grad.to(out.dtype))
@@ -80,7 +77,7 @@ def _check_dense(rewards, ids, counts, mask, *, normalizer=None, spread="even", 
     kwargs = dict(normalizer=normalizer, spread=spread, clamp=clamp)
     out = ops.segment_rewards_to_dense(x, ids, counts, mask, **kwargs)
     ref = reference.segment_rewards_to_dense(x64, ids, counts, mask, **kwargs)
-    assert out.dtype == _result_dtype(dtype)
+    assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"dense {spread} {normalizer} {clamp}")
     grad = torch.randn(ref.shape, dtype=torch.float64)
     out.backward(grad.to(out.dtype))
@@ -493,14 +490,14 @@ def test_opcheck(dtype):
         torch.library.opcheck(torch.ops.rlengine.segment_reduce.default,
                               (values, ids, counts, reduce))
         grad_shape = (3,) if reduce == "end_mean" else (3, 17)
-        grad = torch.randn(grad_shape, dtype=_result_dtype(dtype))
+        grad = torch.randn(grad_shape, dtype=result_dtype(dtype))
         torch.library.opcheck(torch.ops.rlengine.segment_reduce_backward.default,
                               (grad, ids, counts, reduce, dtype))
     rewards = torch.randn(3, 20).to(dtype).requires_grad_()
     for spread, normalizer in (("even", list(PHI3)), ("repeat", None), ("end", list(FLOORED))):
         args = (rewards, ids, counts, mask, normalizer, spread, 1.5)
         torch.library.opcheck(torch.ops.rlengine.segment_rewards_to_dense.default, args)
-        grad = torch.randn(3, 17, dtype=_result_dtype(dtype))
+        grad = torch.randn(3, 17, dtype=result_dtype(dtype))
         torch.library.opcheck(torch.ops.rlengine.segment_rewards_to_dense_backward.default,
                               (grad, rewards.detach(), *args[1:]))
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, assert_matches, noncontiguous, to64
+from helpers import DTYPES, assert_matches, noncontiguous, result_dtype, to64
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -15,9 +15,6 @@ from rlengine.ops import reference
 
 OPS = ("masked_mean", "masked_var", "masked_whiten")
 
-
-def _result_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _call(name, impl, x, mask, dim=None, **kwargs):
@@ -37,7 +34,7 @@ def _check(name, x, mask, dim=None, *, grad=None, extra_atol=0.0, **kwargs):
     x64 = to64(x).requires_grad_()
     out = _call(name, ops, xk, mask, dim, **kwargs)
     ref = _call(name, reference, x64, full_mask, dim, **kwargs)
-    assert out.dtype == _result_dtype(dtype), f"{name}: result dtype {out.dtype}"
+    assert out.dtype == result_dtype(dtype), f"{name}: result dtype {out.dtype}"
     assert_matches(out, ref, dtype, what=f"{name} dim={dim}", extra_atol=extra_atol)
     if grad is None:
         grad = torch.randn(ref.shape, dtype=torch.float64)
@@ -371,13 +368,13 @@ def test_opcheck(dtype):
         torch.library.opcheck(rlengine.masked_mean.default, (x, mask, dim))
         torch.library.opcheck(rlengine.masked_var.default, (x, mask, dim, True))
         shape = (3, 7) if dim == 1 else ()
-        grad = torch.randn(shape, dtype=_result_dtype(dtype))
+        grad = torch.randn(shape, dtype=result_dtype(dtype))
         torch.library.opcheck(rlengine.masked_mean_backward.default, (grad, mask, dim, dtype))
         torch.library.opcheck(rlengine.masked_var_backward.default,
                               (grad, x.detach(), mask, dim, False))
     torch.library.opcheck(rlengine.masked_whiten.default, (x, mask, False, True, 1e-6))
     torch.library.opcheck(rlengine.masked_whiten_backward.default,
-                          (torch.randn(3, 5, 7, dtype=_result_dtype(dtype)), x.detach(), mask,
+                          (torch.randn(3, 5, 7, dtype=result_dtype(dtype)), x.detach(), mask,
                            True, False, 1e-6))
 
 

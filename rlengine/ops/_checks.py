@@ -18,6 +18,13 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def result_dtype(t: torch.Tensor | torch.dtype) -> torch.dtype:
+    """The dtype of every op's floating results: float32, or float64 for float64 inputs (the
+    gradcheck path). Kept here so that the fake kernels and the C++ kernels agree."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fail(op: str, message: str, error: type[Exception] = ValueError) -> None:
     raise error(f"rlengine.{op}: {message}")
 

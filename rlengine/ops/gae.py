@@ -14,9 +14,6 @@ GAE = "gae"
 RETURNS = "discounted_returns"
 
 
-def _result_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _float_inputs(op: str, rewards: object, values: object | None, mask: object,
                   last_values: object | None):
@@ -124,7 +121,7 @@ def _gradient_dtype(*grads: torch.Tensor | None) -> torch.dtype:
 
 @torch.library.register_fake("rlengine::gae")
 def _(rewards, values, mask, last_values, gamma, lam):
-    dtype = _result_dtype(rewards.dtype)
+    dtype = _checks.result_dtype(rewards.dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape,
                                                                             dtype=dtype)
 
@@ -138,7 +135,7 @@ def _(grad_advantages, grad_returns, mask, gamma, lam):
 
 @torch.library.register_fake("rlengine::discounted_returns")
 def _(rewards, mask, last_values, gamma):
-    return rewards.new_empty(rewards.shape, dtype=_result_dtype(rewards.dtype))
+    return rewards.new_empty(rewards.shape, dtype=_checks.result_dtype(rewards.dtype))
 
 
 @torch.library.register_fake("rlengine::discounted_returns_backward")

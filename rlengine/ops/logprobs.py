@@ -14,9 +14,6 @@ from rlengine.ops import _checks
 OP = "token_logprobs"
 
 
-def _result_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
 
 @overload
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = ...,
@@ -83,7 +80,7 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 
 @torch.library.register_fake("rlengine::token_logprobs")
 def _(logits, labels, temperature, ignore_index, with_entropy):
-    dtype = _result_dtype(logits)
+    dtype = _checks.result_dtype(logits)
     logprobs = logits.new_empty(labels.shape, dtype=dtype)
     entropy = logits.new_empty(labels.shape if with_entropy else (0,), dtype=dtype)
     return logprobs, entropy, logits.new_empty(labels.shape, dtype=dtype)

@@ -16,11 +16,6 @@ import torch
 
 from rlengine.ops import _checks
 
-
-def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 # ---- sequence_scores ----------------------------------------------------------------------------
 
 def sequence_scores(token_logprobs: torch.Tensor, mask: torch.Tensor, *,
@@ -57,7 +52,7 @@ def sequence_scores(token_logprobs: torch.Tensor, mask: torch.Tensor, *,
 @torch.library.register_fake("rlengine::sequence_scores")
 def _(token_logprobs, mask, length_penalty):
     return token_logprobs.new_empty(token_logprobs.shape[:-1],
-                                    dtype=_result_dtype(token_logprobs))
+                                    dtype=_checks.result_dtype(token_logprobs))
 
 
 @torch.library.register_fake("rlengine::sequence_scores_backward")
@@ -120,7 +115,7 @@ def rrhf_rank_loss(scores: torch.Tensor, rewards: torch.Tensor,
 
 @torch.library.register_fake("rlengine::rrhf_rank_loss")
 def _(scores, rewards, valid):
-    return scores.new_empty((scores.shape[0],), dtype=_result_dtype(scores))
+    return scores.new_empty((scores.shape[0],), dtype=_checks.result_dtype(scores))
 
 
 @torch.library.register_fake("rlengine::rrhf_rank_loss_backward")
@@ -155,7 +150,7 @@ def _scalar_or_tensor(op: str, name: str, value: object, chosen: torch.Tensor, *
         return None, _checks.number(op, name, value, low=low, high=high)
     if allow_integer and not value.dtype.is_floating_point and not value.dtype.is_complex \
             and value.dtype != torch.bool:
-        value = value.to(_result_dtype(chosen))
+        value = value.to(_checks.result_dtype(chosen))
     t = _checks.float_tensor(op, name, value)
     if t.dim() != 0 and t.shape != chosen.shape:
         _checks._fail(op, f"{name} must be a real number, a 0-d tensor or a tensor of the shape "
@@ -229,12 +224,12 @@ def _check_smoothing_range(smoothing: torch.Tensor) -> None:
 
 @torch.library.register_fake("rlengine::bt_loss")
 def _(chosen, rejected, margin, label_smoothing, margin_value, label_smoothing_value):
-    return chosen.new_empty(chosen.shape, dtype=_result_dtype(chosen))
+    return chosen.new_empty(chosen.shape, dtype=_checks.result_dtype(chosen))
 
 
 @torch.library.register_fake("rlengine::bt_loss_backward")
 def _(grad_loss, chosen, rejected, margin, label_smoothing, margin_value, label_smoothing_value):
-    dtype = _result_dtype(chosen)
+    dtype = _checks.result_dtype(chosen)
     grad_smoothing_shape = chosen.shape if label_smoothing is not None else (0,)
     return (chosen.new_empty(chosen.shape, dtype=dtype),
             chosen.new_empty(grad_smoothing_shape, dtype=dtype))

@@ -132,7 +132,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
     return torch.stack(returns, dim=1) if steps else rewards.clone()
 
 
-# ---- segment rewards ------------------------------------------------------------------------------
+# ---- segment rewards ---------------------------------------------------------------------------
 
 def entropy_segments(entropy: torch.Tensor, response_mask: torch.Tensor, *, threshold: float):
     """Entropy-based segmentation (METHODS.md section 3).
@@ -155,7 +155,8 @@ def entropy_segments(entropy: torch.Tensor, response_mask: torch.Tensor, *, thre
 
 def _segment_end_positions(segment_ids: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """[B, T]: position of the last eligible token of segment k at [b, k], -1 if none."""
-    positions = torch.arange(segment_ids.shape[-1], device=segment_ids.device).expand_as(segment_ids)
+    positions = torch.arange(segment_ids.shape[-1], device=segment_ids.device)
+    positions = positions.expand_as(segment_ids)
     ends = torch.full_like(segment_ids, -1)
     return ends.scatter_reduce(1, segment_ids.clamp(min=0), torch.where(eligible, positions, -1),
                                reduce="amax")

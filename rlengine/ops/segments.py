@@ -32,9 +32,6 @@ REDUCES = ("end_mean", "end", "sum", "mean")
 SPREADS = ("even", "repeat", "end")
 
 
-def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
 
 def _segments(op: str, segment_ids: object, counts: object, batch: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +158,7 @@ def segment_reduce(values: torch.Tensor, segment_ids: torch.Tensor, counts: torc
 @torch.library.register_fake("rlengine::segment_reduce")
 def _(values, segment_ids, counts, reduce):
     shape = values.shape[:1] if reduce == "end_mean" else values.shape
-    return values.new_empty(shape, dtype=_result_dtype(values))
+    return values.new_empty(shape, dtype=_checks.result_dtype(values))
 
 
 @torch.library.register_fake("rlengine::segment_reduce_backward")
@@ -278,7 +275,7 @@ def _clamp(op: str, clamp: object) -> float:
 
 @torch.library.register_fake("rlengine::segment_rewards_to_dense")
 def _(segment_rewards, segment_ids, counts, mask, normalizer, spread, clamp):
-    return segment_rewards.new_empty(segment_ids.shape, dtype=_result_dtype(segment_rewards))
+    return segment_rewards.new_empty(segment_ids.shape, dtype=_checks.result_dtype(segment_rewards))
 
 
 @torch.library.register_fake("rlengine::segment_rewards_to_dense_backward")

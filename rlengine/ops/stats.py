@@ -30,9 +30,6 @@ from rlengine.ops import _checks
 __all__ = ["masked_mean", "masked_var", "masked_whiten"]
 
 
-def _result_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _inputs(op: str, x: object, mask: object) -> tuple[torch.Tensor, torch.Tensor]:
     """x as a float tensor and mask as a bool tensor of x's shape (expanded if it broadcasts)."""
@@ -164,7 +161,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 @torch.library.register_fake("rlengine::masked_mean")
 def _(x, mask, dim):
-    return x.new_empty(_reduced_shape(x, dim), dtype=_result_dtype(x))
+    return x.new_empty(_reduced_shape(x, dim), dtype=_checks.result_dtype(x))
 
 
 @torch.library.register_fake("rlengine::masked_mean_backward")
@@ -174,7 +171,7 @@ def _(grad, mask, dim, dtype):
 
 @torch.library.register_fake("rlengine::masked_var")
 def _(x, mask, dim, unbiased):
-    return x.new_empty(_reduced_shape(x, dim), dtype=_result_dtype(x))
+    return x.new_empty(_reduced_shape(x, dim), dtype=_checks.result_dtype(x))
 
 
 @torch.library.register_fake("rlengine::masked_var_backward")
@@ -184,7 +181,7 @@ def _(grad, x, mask, dim, unbiased):
 
 @torch.library.register_fake("rlengine::masked_whiten")
 def _(x, mask, shift_mean, unbiased, eps):
-    return x.new_empty(x.shape, dtype=_result_dtype(x))
+    return x.new_empty(x.shape, dtype=_checks.result_dtype(x))
 
 
 @torch.library.register_fake("rlengine::masked_whiten_backward")
