@@ -102,6 +102,7 @@ def _check_returns(rewards, mask, *, gamma, last_values=None):
     grad = torch.randn(mask.shape, dtype=torch.float64)
     inputs = [t for t in (r, lv) if t is not None]
     inputs64 = [t for t in (r64, lv64) if t is not None]
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     got = torch.autograd.grad(out, inputs, grad.to(out.dtype))
     expected = _reference_grad((ref,), inputs64, (grad,))
     for name, g, e, x in zip(("rewards", "last_values"), got, expected, inputs):

@@ -53,6 +53,7 @@ def _check_sequence_scores(x, mask, length_penalty=1.0):
     slack = 0.0 if dtype == torch.float64 or not kept.numel() else 8 * FP32_EPS * float(kept.max())
     assert_matches(out, expected, dtype, what="scores", extra_atol=slack)
     grad = torch.randn(out.shape, dtype=torch.float64)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     assert ours.grad.dtype == dtype
@@ -226,6 +227,7 @@ def _check_rank_loss(scores, rewards, valid=None):
     assert_matches(out, expected, dtype, what="rank loss")
     grad = torch.randn(out.shape, dtype=torch.float64)
     grad = torch.where(torch.isfinite(expected), grad, 0)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     assert ours.grad.dtype == dtype and ours.grad.shape == scores.shape
@@ -455,6 +457,7 @@ def _check_bt(chosen, rejected, margin=None, smoothing=0.0):
         slack = 4 * FP32_EPS * float(finite.max())
     assert_matches(out, expected, dtype, what="bt loss", extra_atol=slack)
     grad = torch.randn(out.shape, dtype=torch.float64)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     grad_size = float(grad.abs().max()) if grad.numel() else 0.0

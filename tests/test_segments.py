@@ -64,6 +64,7 @@ def _check_reduce(values, ids, counts, reduce):
     assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"segment_reduce {reduce}")
     grad = torch.randn(ref.shape, dtype=torch.float64)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     out.backward(grad.to(out.dtype))
     ref.backward(grad)
     assert x.grad.dtype == dtype and x.grad.shape == values.shape
@@ -80,6 +81,7 @@ def _check_dense(rewards, ids, counts, mask, *, normalizer=None, spread="even", 
     assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"dense {spread} {normalizer} {clamp}")
     grad = torch.randn(ref.shape, dtype=torch.float64)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     out.backward(grad.to(out.dtype))
     ref.backward(grad)
     assert x.grad.dtype == dtype and x.grad.shape == rewards.shape
@@ -697,9 +699,17 @@ def test_normalizer_as_array_or_tensor():
 
 
 def test_clamp_inf_is_no_clamp():
-    mask, ids, counts = _segmentation(3, 30)
+    mask, _, _ = _segmentation(3, 30)
+    mask[0] = False
+    mask[0, 5:12] = True                                  # row 0's response starts at token 5
+    ids, counts = reference.entropy_segments(torch.rand(3, 30), mask, threshold=0.9)
     rewards = torch.randn(3, 31) * 100
-    unclamped = ops.segment_rewards_to_dense(rewards, ids, counts, mask, clamp=None)
-    torch.testing.assert_close(
-        ops.segment_rewards_to_dense(rewards, ids, counts, mask, clamp=math.inf), unclamped)
-    assert unclamped.abs().max() > 10
+    rewards[0, 0] = 50.0                                  # a reward the default clamp would cut
+    for spread in SPREADS:
+        unclamped = ops.segment_rewards_to_dense(rewards, ids, counts, mask, spread=spread,
+                                                 clamp=None)
+        torch.testing.assert_close(ops.segment_rewards_to_dense(
+            rewards, ids, counts, mask, spread=spread, clamp=math.inf), unclamped)
+    repeated = ops.segment_rewards_to_dense(rewards, ids, counts, mask, spread="repeat",
+                                            clamp=None)
+    assert repeated[0, 5] == 50.0

@@ -38,6 +38,7 @@ def _check(name, x, mask, dim=None, *, grad=None, extra_atol=0.0, **kwargs):
     assert_matches(out, ref, dtype, what=f"{name} dim={dim}", extra_atol=extra_atol)
     if grad is None:
         grad = torch.randn(ref.shape, dtype=torch.float64)
+    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     (gk,) = torch.autograd.grad(out, xk, grad.to(out.dtype))
     (g64,) = torch.autograd.grad(ref, x64, grad)
     assert gk.dtype == dtype and gk.shape == x.shape
