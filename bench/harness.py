@@ -35,8 +35,14 @@ def peak_allocated_bytes(fn: Callable[[], object]) -> int:
 def run(benchmark, fn: Callable[[], object], *, rounds: int = 5, warmup_rounds: int = 1,
         memory: bool = True, **info) -> None:
     """Time fn with pytest-benchmark (median over rounds after warm-up) and record its peak
-    memory and any extra facts (shapes, dtype) in the result's extra_info."""
-    fn()  # first call outside both measurements: compilation, lazy initialisation
+    memory and any extra facts (shapes, dtype) in the result's extra_info.
+
+    The first warm-up round runs before the memory probe too, so that neither measurement sees
+    compilation or lazy initialisation; warmup_rounds=0 (for baselines too slow to repeat) runs
+    nothing untimed but the probe."""
+    if warmup_rounds > 0:
+        fn()
+        warmup_rounds -= 1
     if memory:
         info["peak_mb"] = round(peak_allocated_bytes(fn) / 2**20, 3)
     benchmark.extra_info.update(info)

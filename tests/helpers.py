@@ -50,6 +50,40 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
                                rtol=rtol, equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+def incoming_gradient(out: torch.Tensor, *, where: torch.Tensor | None = None) -> torch.Tensor:
+    """A random float64 gradient for out, with values exactly representable in out's dtype, so
+    that the kernel (given it in out.dtype) and the float64 reference receive the same one;
+    0 where `where` is False (e.g. at non-finite reference outputs)."""
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    if where is not None:
+        grad = torch.where(where, grad, 0)
+    return grad.to(out.dtype).double()
+
+
+def assert_compiles_fullgraph(fn, *args, wrt: tuple[torch.Tensor, ...] = ()):
+    """fn under torch.compile(fullgraph=True) returns what eager fn returns, and a weighted sum
+    of its outputs has the same gradients w.r.t. wrt. The aot_eager backend traces the ops'
+    fake kernels and autograd formulas without generating code. Returns the compiled run's
+    gradients."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected, actual = fn(*args), compiled(*args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+    if not wrt:
+        return ()
+
+    def loss(outputs):
+        return sum((o.float() * (i + 1)).sum() for i, o in enumerate(outputs))
+
+    g_expected = torch.autograd.grad(loss(expected), wrt)
+    g_actual = torch.autograd.grad(loss(actual), wrt)
+    for a, e in zip(g_actual, g_expected):
+        torch.testing.assert_close(a, e)
+    return g_actual
+
+
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout (every other column of a wider tensor)."""
     wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)

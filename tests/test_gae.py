@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, FP32_EPS, assert_matches, noncontiguous, to64
+from helpers import (
+    DTYPES,
+    FP32_EPS,
+    assert_compiles_fullgraph,
+    assert_matches,
+    incoming_gradient,
+    noncontiguous,
+    to64,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,7 +88,7 @@ def _check_gae(rewards, values, mask, *, gamma, lam, last_values=None):
     assert_matches(adv, ref_adv, dtype, what="advantages", )
     assert_matches(ret, ref_ret, dtype, what="returns", )
 
-    grads = [torch.randn(mask.shape, dtype=torch.float64) for _ in range(2)]
+    grads = [incoming_gradient(adv), incoming_gradient(ret)]
     inputs = [t for t in (r, v, lv) if t is not None]
     inputs64 = [t for t in (r64, v64, lv64) if t is not None]
     got = torch.autograd.grad((adv, ret), inputs, [g.to(out_dtype) for g in grads])
@@ -99,10 +107,9 @@ def _check_returns(rewards, mask, *, gamma, last_values=None):
     ref = reference.discounted_returns(r64, mask, gamma=gamma, last_values=lv64)
     assert out.dtype == _out_dtype(rewards, last_values)
     assert_matches(out, ref, dtype, what="returns", )
-    grad = torch.randn(mask.shape, dtype=torch.float64)
+    grad = incoming_gradient(out)
     inputs = [t for t in (r, lv) if t is not None]
     inputs64 = [t for t in (r64, lv64) if t is not None]
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
     got = torch.autograd.grad(out, inputs, grad.to(out.dtype))
     expected = _reference_grad((ref,), inputs64, (grad,))
     for name, g, e, x in zip(("rewards", "last_values"), got, expected, inputs):
@@ -476,17 +483,8 @@ def test_compiles_fullgraph():
         g = ops.discounted_returns(r, m, gamma=0.9)
         return (adv * 2).sum() + (ret ** 2).sum() + (g * 0.5).sum()
 
-    rewards, values, last = _inputs(3, 21, torch.float32)
-    mask = _mask(3, 21)
-    inputs = [_leaf(t) for t in (rewards, values, last)]
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    expected = loss(inputs[0], inputs[1], mask, inputs[2])
-    g_expected = torch.autograd.grad(expected, inputs)
-    actual = compiled(inputs[0], inputs[1], mask, inputs[2])
-    g_actual = torch.autograd.grad(actual, inputs)
-    torch.testing.assert_close(actual, expected)
-    for a, e in zip(g_actual, g_expected):
-        torch.testing.assert_close(a, e)
+    r, v, lv = (_leaf(t) for t in _inputs(3, 21, torch.float32))
+    assert_compiles_fullgraph(loss, r, v, _mask(3, 21), lv, wrt=(r, v, lv))
 
 
 # ---- property tests: fresh adversarial inputs ---------------------------------------------------

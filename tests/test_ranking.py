@@ -11,7 +11,9 @@ from helpers import (
     DTYPES,
     FP32_EPS,
     GRADIENT_TOLERANCE,
+    assert_compiles_fullgraph,
     assert_matches,
+    incoming_gradient,
     noncontiguous,
     result_dtype,
     to64,
@@ -52,8 +54,7 @@ def _check_sequence_scores(x, mask, length_penalty=1.0):
     kept = torch.where(mask.bool(), x.double().abs(), 0).sum(-1) if x.numel() else x.double()
     slack = 0.0 if dtype == torch.float64 or not kept.numel() else 8 * FP32_EPS * float(kept.max())
     assert_matches(out, expected, dtype, what="scores", extra_atol=slack)
-    grad = torch.randn(out.shape, dtype=torch.float64)
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
+    grad = incoming_gradient(out)
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     assert ours.grad.dtype == dtype
@@ -148,14 +149,7 @@ def test_sequence_scores_compiles_fullgraph():
         return (ops.sequence_scores(lp[:, 1:], m[:, 1:], length_penalty=0.9) ** 2).sum()
 
     x = torch.randn(5, 12, requires_grad=True)
-    mask = torch.rand(5, 12) < 0.7
-    compiled = torch.compile(score, fullgraph=True, backend="aot_eager")
-    expected = score(x, mask)
-    (g_expected,) = torch.autograd.grad(expected, x)
-    actual = compiled(x, mask)
-    (g_actual,) = torch.autograd.grad(actual, x)
-    torch.testing.assert_close(actual, expected)
-    torch.testing.assert_close(g_actual, g_expected)
+    assert_compiles_fullgraph(score, x, torch.rand(5, 12) < 0.7, wrt=(x,))
 
 
 @st.composite
@@ -225,9 +219,7 @@ def _check_rank_loss(scores, rewards, valid=None):
     expected = reference.rrhf_rank_loss(ref, to64(rewards), valid)
     assert out.dtype == result_dtype(dtype) and out.shape == (scores.shape[0],)
     assert_matches(out, expected, dtype, what="rank loss")
-    grad = torch.randn(out.shape, dtype=torch.float64)
-    grad = torch.where(torch.isfinite(expected), grad, 0)
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
+    grad = incoming_gradient(out, where=torch.isfinite(expected))
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     assert ours.grad.dtype == dtype and ours.grad.shape == scores.shape
@@ -358,14 +350,7 @@ def test_rrhf_rank_loss_compiles_fullgraph():
 
     lp = (-torch.rand(3, 4, 9)).requires_grad_()
     mask = torch.rand(3, 4, 9) < 0.8
-    rewards = torch.randn(3, 4)
-    compiled = torch.compile(rrhf, fullgraph=True, backend="aot_eager")
-    expected = rrhf(lp, mask, rewards)
-    (g_expected,) = torch.autograd.grad(expected, lp)
-    actual = compiled(lp, mask, rewards)
-    (g_actual,) = torch.autograd.grad(actual, lp)
-    torch.testing.assert_close(actual, expected)
-    torch.testing.assert_close(g_actual, g_expected)
+    (g_actual,) = assert_compiles_fullgraph(rrhf, lp, mask, torch.randn(3, 4), wrt=(lp,))
     assert g_actual.abs().sum() > 0
 
 
@@ -456,8 +441,7 @@ def _check_bt(chosen, rejected, margin=None, smoothing=0.0):
     if dtype != torch.float64 and finite.numel():
         slack = 4 * FP32_EPS * float(finite.max())
     assert_matches(out, expected, dtype, what="bt loss", extra_atol=slack)
-    grad = torch.randn(out.shape, dtype=torch.float64)
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
+    grad = incoming_gradient(out)
     out.backward(grad.to(out.dtype))
     expected.backward(grad)
     grad_size = float(grad.abs().max()) if grad.numel() else 0.0
@@ -649,14 +633,7 @@ def test_bt_loss_compiles_fullgraph():
 
     c, r = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
     m, a = torch.randn(16, requires_grad=True), torch.rand(16, requires_grad=True)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    expected = loss(c, r, m, a)
-    g_expected = torch.autograd.grad(expected, (c, r, m, a))
-    actual = compiled(c, r, m, a)
-    g_actual = torch.autograd.grad(actual, (c, r, m, a))
-    torch.testing.assert_close(actual, expected)
-    for x, y in zip(g_actual, g_expected):
-        torch.testing.assert_close(x, y)
+    assert_compiles_fullgraph(loss, c, r, m, a, wrt=(c, r, m, a))
 
 
 @st.composite

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_matches, noncontiguous, result_dtype, to64
+from helpers import (
+    DTYPES,
+    assert_compiles_fullgraph,
+    assert_matches,
+    incoming_gradient,
+    noncontiguous,
+    result_dtype,
+    to64,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,8 +71,7 @@ def _check_reduce(values, ids, counts, reduce):
     ref = reference.segment_reduce(x64, ids, counts, reduce=reduce)
     assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"segment_reduce {reduce}")
-    grad = torch.randn(ref.shape, dtype=torch.float64)
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
+    grad = incoming_gradient(out)
     out.backward(grad.to(out.dtype))
     ref.backward(grad)
     assert x.grad.dtype == dtype and x.grad.shape == values.shape
@@ -80,8 +87,7 @@ def _check_dense(rewards, ids, counts, mask, *, normalizer=None, spread="even", 
     ref = reference.segment_rewards_to_dense(x64, ids, counts, mask, **kwargs)
     assert out.dtype == result_dtype(dtype)
     assert_matches(out, ref, dtype, what=f"dense {spread} {normalizer} {clamp}")
-    grad = torch.randn(ref.shape, dtype=torch.float64)
-    grad = grad.to(out.dtype).double()  # both sides get the same incoming gradient
+    grad = incoming_gradient(out)
     out.backward(grad.to(out.dtype))
     ref.backward(grad)
     assert x.grad.dtype == dtype and x.grad.shape == rewards.shape
@@ -504,28 +510,10 @@ def test_opcheck(dtype):
                               (grad, rewards.detach(), *args[1:]))
 
 
-def _compiled_matches(fn, inputs, grad_inputs):
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    expected = fn(*inputs)
-    actual = compiled(*inputs)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    actual = actual if isinstance(actual, tuple) else (actual,)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e)
-    if grad_inputs:
-        def loss(outs):
-            return sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
-
-        g_expected = torch.autograd.grad(loss(expected), grad_inputs)
-        g_actual = torch.autograd.grad(loss(actual), grad_inputs)
-        for a, e in zip(g_actual, g_expected):
-            torch.testing.assert_close(a, e)
-
-
 def test_compiles_fullgraph_entropy_segments():
     entropy = torch.rand(3, 21) * 3
     mask = _response_mask(3, 21)
-    _compiled_matches(lambda e, m: ops.entropy_segments(e, m, threshold=1.75), (entropy, mask), [])
+    assert_compiles_fullgraph(lambda e, m: ops.entropy_segments(e, m, threshold=1.75), entropy, mask)
 
 
 def test_compiles_fullgraph_segment_reduce():
@@ -535,7 +523,7 @@ def test_compiles_fullgraph_segment_reduce():
     def fn(v, i, c):
         return (ops.segment_reduce(v, i, c), ops.segment_reduce(v * 2, i, c, reduce="mean"))
 
-    _compiled_matches(fn, (values, ids, counts), [values])
+    assert_compiles_fullgraph(fn, values, ids, counts, wrt=(values,))
 
 
 def test_compiles_fullgraph_dense_pipeline():
@@ -549,7 +537,7 @@ def test_compiles_fullgraph_dense_pipeline():
         rewards = ops.segment_reduce(v, ids, counts, reduce="end")
         return ops.segment_rewards_to_dense(rewards, ids, counts, m, normalizer=PHI3, clamp=1.0)
 
-    _compiled_matches(fn, (entropy, mask, values), [values])
+    assert_compiles_fullgraph(fn, entropy, mask, values, wrt=(values,))
 
 
 # ---- property tests -------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace rlengine::cpu {
 
@@ -17,16 +18,25 @@ inline at::ScalarType result_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The C++ type of result_dtype, which is also the kernels' working precision: float for
+// float/bfloat16/half inputs, double for double.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "rlengine.", op, ": ", name,
                     " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
 
-inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  const auto d = t.scalar_type();
+// A dtype argument (the dtype a backward returns its gradient in) or a tensor's dtype.
+inline void check_floating(const char* op, const char* name, at::ScalarType d) {
   TORCH_CHECK_TYPE(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf,
                    "rlengine.", op, ": ", name,
                    " must be float32, float64, bfloat16 or float16, got ", d);
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  check_floating(op, name, t.scalar_type());
 }
 
 inline void check_bool(const char* op, const char* name, const at::Tensor& t) {

@@ -44,15 +44,6 @@ constexpr int64_t kMinBlockSteps = 16384;
 // nothing gained at k = 2, 1.7x faster at k = 3.
 constexpr int64_t kMinTimeBlocks = 3;
 
-template <typename scalar_t>
-inline double load(scalar_t x) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return x;
-  } else {
-    return static_cast<double>(static_cast<float>(x));
-  }
-}
-
 // The forward recurrence's state just right of a position.
 struct ForwardCarry {
   double next_value;      // V at the next valid position (last_values past the last one)
@@ -91,8 +82,8 @@ RLENGINE_SIMD_CLONES ForwardScan scan_forward(ForwardSpan<scalar_t, out_t> s, in
   int64_t valid = 0;
   for (int64_t t = n - 1; t >= 0; --t) {
     const bool keep = s.mask[t * s.mask_stride] != 0;
-    const double value = kValues ? load(s.values[t * s.values_stride]) : 0.0;
-    const double delta = load(s.rewards[t * s.rewards_stride]) + gamma * next_value - value;
+    const double value = kValues ? static_cast<double>(s.values[t * s.values_stride]) : 0.0;
+    const double delta = static_cast<double>(s.rewards[t * s.rewards_stride]) + gamma * next_value - value;
     advantage = (keep ? delta : 0.0) + (keep ? c : 1.0) * advantage;
     next_value = keep ? value : next_value;
     s.advantages[t] = keep ? static_cast<out_t>(advantage) : out_t(0);
@@ -257,7 +248,7 @@ void forward(const at::Tensor& rewards, const at::Tensor& values, const at::Tens
         adv + offset, kValues ? ret + offset : nullptr};
   };
   const auto bootstrap = [&](int64_t row) {
-    return ForwardCarry{lv ? load(lv[row * lv_stride]) : 0.0, 0.0};
+    return ForwardCarry{lv ? static_cast<double>(lv[row * lv_stride]) : 0.0, 0.0};
   };
 
   std::vector<ForwardScan> scans(per_row > 1 ? rows * per_row : 0);
@@ -305,7 +296,7 @@ void dispatch_forward(const at::Tensor& rewards, const at::Tensor& values,
   constexpr const char* op = kValues ? "gae" : "discounted_returns";
   if (rewards.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), op, [&] {
-    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using out_t = compute_t<scalar_t>;
     forward<kValues, scalar_t, out_t>(rewards, values, mask, last_values, advantages, returns,
                                       gamma, c);
   });

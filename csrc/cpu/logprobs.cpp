@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
 
   const RowOffsets row_offset(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
-    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using out_t = compute_t<scalar_t>;
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
     const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
     out_t* lp_ptr = logprobs.mutable_data_ptr<out_t>();

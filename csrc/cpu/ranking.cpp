@@ -38,21 +38,10 @@ RLENGINE_SIMD_CLONES MaskedSum masked_sum_f32(const float* x, const uint8_t* mas
   int32_t count = 0;
   RLENGINE_SIMD_REDUCE(+ : sum, count)
   for (int64_t i = 0; i < n; ++i) {
-    // Select by clearing the bits (not by multiplying: 0 * -inf or 0 * NaN would leak in).
-    // Written as an AND of an unconditional load, because GCC turns `keep ? x[i] : 0` into a
-    // masked load that its AVX2/AVX-512 vectorizer cannot mix with byte masks.
-    const uint32_t keep = mask[i] != 0 ? 0xFFFFFFFFu : 0u;
-    sum += bits_to_float(float_to_bits(x[i]) & keep);
+    sum += keep_or_zero(x[i], mask[i]);
     count += mask[i] != 0;
   }
   return {sum, count};
-}
-
-RLENGINE_SIMD_CLONES int32_t mask_count(const uint8_t* mask, int64_t n) {
-  int32_t count = 0;
-  RLENGINE_SIMD_REDUCE(+ : count)
-  for (int64_t i = 0; i < n; ++i) count += mask[i] != 0;
-  return count;
 }
 
 RLENGINE_SIMD_CLONES void masked_fill_f32(const uint8_t* mask, float value, float* out,
@@ -157,9 +146,6 @@ void check_length_penalty(double length_penalty) {
                     length_penalty);
 }
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 struct RowSum {
   double sum;  // fp32 chunk sums combined in double (which costs nothing)
   int64_t count;
@@ -236,7 +222,7 @@ at::Tensor sequence_scores_cpu(const at::Tensor& token_logprobs, const at::Tenso
   const int64_t m_stride = m.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using out_t = acc_type_t<scalar_t>;
+    using out_t = compute_t<scalar_t>;
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     const uint8_t* m_base = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     out_t* out = scores.mutable_data_ptr<out_t>();
@@ -252,14 +238,6 @@ at::Tensor sequence_scores_cpu(const at::Tensor& token_logprobs, const at::Tenso
   return scores;
 }
 
-int64_t row_mask_count(const uint8_t* mask, int64_t T) {
-  int64_t count = 0;
-  for (int64_t start = 0; start < T; start += kChunk) {
-    count += mask_count(mask + start, std::min(kChunk, T - start));
-  }
-  return count;
-}
-
 at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at::Tensor& mask,
                                         double length_penalty, at::ScalarType dtype) {
   constexpr const char* op = "sequence_scores_backward";
@@ -270,10 +248,7 @@ at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at:
                     "dimension, got a 0-d tensor");
   const auto leading = mask.sizes().slice(0, mask.dim() - 1);
   check_shape(op, "grad_scores", grad_scores, leading);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                       dtype == at::kHalf,
-                   "rlengine.sequence_scores_backward: dtype must be float32, float64, bfloat16 "
-                   "or float16, got ", dtype);
+  check_floating(op, "dtype", dtype);
   check_length_penalty(length_penalty);
 
   const int64_t T = mask.size(-1);
@@ -292,7 +267,7 @@ at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at:
       for (int64_t row = begin; row < end; ++row) {
         const uint8_t* mr = m_base + row * m_stride;
         scalar_t* o = out + row * T;
-        const int64_t count = row_mask_count(mr, T);
+        const int64_t count = count_nonzero(mr, T);
         if (count == 0) {
           std::fill(o, o + T, scalar_t(0));  // nothing here reaches the score, not even NaN
           continue;

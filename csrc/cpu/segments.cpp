@@ -31,9 +31,6 @@ namespace {
 // rlengine.ops.reference.SIGMA_FLOOR (the tests compare the two on a normalizer that crosses it).
 constexpr double kSigmaFloor = 1e-3;
 
-template <typename scalar_t>
-using acc_type_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Scratch buffers of one parallel task, sized once by the largest count of the call.
 struct Scratch {
   std::vector<double> values;
@@ -107,7 +104,7 @@ float float_threshold_below(double threshold) {
 
 template <typename scalar_t>
 struct AboveThreshold {
-  using threshold_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using threshold_t = compute_t<scalar_t>;
   threshold_t threshold;
   explicit AboveThreshold(double exact)
       : threshold(std::is_same_v<scalar_t, double> ? exact : float_threshold_below(exact)) {}
@@ -214,18 +211,18 @@ void last_per_segment(RowIds ids, int64_t T, Take take, int64_t* __restrict last
   }
 }
 
-// total[k] = sum of the values at the positions with id k (in double), and length[k] their
-// number if length is given; run-length accumulated like count_per_segment.
-template <typename scalar_t>
-void sum_per_segment(RowIds ids, Row<scalar_t> values, int64_t T, double* __restrict total,
-                     int64_t* __restrict length) {
+// total[k] = sum of the values at the positions t with id k and take(t) (in double), and
+// length[k] their number if length is given; run-length accumulated like count_per_segment.
+template <typename scalar_t, typename Take>
+void sum_per_segment(RowIds ids, Row<scalar_t> values, int64_t T, Take take,
+                     double* __restrict total, int64_t* __restrict length) {
   std::fill(total, total + ids.count, 0.0);
   if (length) std::fill(length, length + ids.count, int64_t{0});
   int64_t run_id = -1, run_length = 0;
   double run_sum = 0.0;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t id = ids[t];
-    if (id < 0) continue;
+    if (id < 0 || !take(t)) continue;
     if (id != run_id) {
       if (run_id >= 0) {
         total[run_id] += run_sum;
@@ -289,7 +286,7 @@ void segment_reduce_row(Reduce reduce, RowIds ids, Row<scalar_t> values, int64_t
     case Reduce::kSum:
     case Reduce::kMean: {
       const bool mean = reduce == Reduce::kMean;
-      sum_per_segment(ids, values, T, total, mean ? length : nullptr);
+      sum_per_segment(ids, values, T, kEveryPosition, total, mean ? length : nullptr);
       for (int64_t k = 0; k < K; ++k) {
         out[k] = static_cast<out_t>(
             mean ? total[k] / static_cast<double>(std::max<int64_t>(length[k], 1)) : total[k]);
@@ -316,7 +313,7 @@ at::Tensor segment_reduce_cpu(const at::Tensor& values, const at::Tensor& segmen
   const int64_t max_count = check_counts(op, counts, T, -1);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), op, [&] {
-    using out_t = acc_type_of<scalar_t>;
+    using out_t = compute_t<scalar_t>;
     const Rows<scalar_t> v(values);
     const Rows<int64_t> ids(segment_ids);
     const Rows<int64_t> count(counts);
@@ -390,10 +387,7 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
   const Reduce reduce = parse_reduce(op, reduce_name);
   check_cpu(op, "grad", grad_in);
   check_floating(op, "grad", grad_in);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                       dtype == at::kHalf,
-                   "rlengine.", op, ": dtype must be float32, float64, bfloat16 or float16, got ",
-                   dtype);
+  check_floating(op, "dtype", dtype);
   check_dim(op, "segment_ids", segment_ids, 2);
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
   check_segment_tensors(op, segment_ids, counts, B, T);
@@ -408,7 +402,7 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
   const at::Tensor grad = gradient_as(grad_in, dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, [&] {
-    using acc_t = acc_type_of<scalar_t>;
+    using acc_t = compute_t<scalar_t>;
     const Rows<acc_t> g(grad);
     const Rows<int64_t> ids(segment_ids);
     const Rows<int64_t> count(counts);
@@ -581,7 +575,7 @@ at::Tensor segment_rewards_to_dense_cpu(const at::Tensor& segment_rewards,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, segment_rewards.scalar_type(), op,
                                   [&] {
-    using out_t = acc_type_of<scalar_t>;
+    using out_t = compute_t<scalar_t>;
     const Rows<scalar_t> rewards(segment_rewards);
     const Rows<int64_t> ids(segment_ids);
     const Rows<int64_t> count(counts);
@@ -612,30 +606,9 @@ void dense_backward_row(const DenseRule& rule, RowIds ids, Row<bool> receives,
       grad_sum[k] = per_segment[k] >= 0 ? static_cast<double>(grad[per_segment[k]]) : 0.0;
     }
   } else {
-    // Sum of the receiving tokens' gradients per segment, run-length accumulated.
-    std::fill(grad_sum, grad_sum + K, 0.0);
-    if (rule.spread == Spread::kEven) std::fill(per_segment, per_segment + K, int64_t{0});
-    int64_t run_id = -1, run_length = 0;
-    double run_sum = 0.0;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t id = ids[t];
-      if (id < 0 || !receives[t]) continue;
-      if (id != run_id) {
-        if (run_id >= 0) {
-          grad_sum[run_id] += run_sum;
-          if (rule.spread == Spread::kEven) per_segment[run_id] += run_length;
-        }
-        run_id = id;
-        run_sum = 0.0;
-        run_length = 0;
-      }
-      run_sum += static_cast<double>(grad[t]);
-      ++run_length;
-    }
-    if (run_id >= 0) {
-      grad_sum[run_id] += run_sum;
-      if (rule.spread == Spread::kEven) per_segment[run_id] += run_length;
-    }
+    // The receiving tokens' gradients summed per segment (and counted, for "even").
+    sum_per_segment(ids, grad, T, take, grad_sum,
+                    rule.spread == Spread::kEven ? per_segment : nullptr);
   }
   for (int64_t k = 0; k < K; ++k) {
     const int64_t receivers = rule.spread == Spread::kEven ? per_segment[k] : 1;
@@ -665,7 +638,7 @@ at::Tensor segment_rewards_to_dense_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, segment_rewards.scalar_type(), op,
                                   [&] {
-    using acc_t = acc_type_of<scalar_t>;
+    using acc_t = compute_t<scalar_t>;
     const Rows<scalar_t> rewards(segment_rewards);
     const Rows<acc_t> g(grad_rewards);
     const Rows<int64_t> ids(segment_ids);

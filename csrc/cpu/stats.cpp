@@ -48,7 +48,6 @@
 #define STATS_REASSOCIATE
 #define STATS_REDUCE(...) RLENGINE_SIMD_REDUCE(__VA_ARGS__)
 #endif
-#define STATS_INLINE inline __attribute__((always_inline))
 
 namespace rlengine::cpu::stats {
 
@@ -65,22 +64,9 @@ struct Sums {
   }
 };
 
-// v where m is nonzero, else +0.0, as a bitwise AND with an all-ones or all-zeros word. GCC
-// turns the equivalent `m ? v : 0` into a branch that it cannot vectorize; the AND stays a
-// branch-free vector op and, like a select (unlike v * m), drops a NaN or inf that is masked
-// out.
-STATS_INLINE float keep_or_zero(float v, uint8_t m) {
-  const uint32_t keep = m != 0;
-  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, v) & (0u - keep));
-}
-STATS_INLINE double keep_or_zero(double v, uint8_t m) {
-  const uint64_t keep = m != 0;
-  return __builtin_bit_cast(double, __builtin_bit_cast(uint64_t, v) & (uint64_t{0} - keep));
-}
-
 // Counts of one chunk fit in 32 bits (n <= kChunk); narrower lanes vectorize better.
 template <typename T>
-STATS_INLINE STATS_REASSOCIATE Sums sum_count_body(const T* x, const uint8_t* m, int64_t n) {
+RLENGINE_INLINE STATS_REASSOCIATE Sums sum_count_body(const T* x, const uint8_t* m, int64_t n) {
   double s = 0.0;
   int32_t c = 0;
   STATS_REDUCE(+ : s, c)
@@ -92,7 +78,7 @@ STATS_INLINE STATS_REASSOCIATE Sums sum_count_body(const T* x, const uint8_t* m,
 }
 
 template <typename T>
-STATS_INLINE STATS_REASSOCIATE Sums sum2_count_body(const T* x, const T* g, const uint8_t* m,
+RLENGINE_INLINE STATS_REASSOCIATE Sums sum2_count_body(const T* x, const T* g, const uint8_t* m,
                                                     int64_t n) {
   double sx = 0.0, sg = 0.0;
   int32_t c = 0;
@@ -106,7 +92,7 @@ STATS_INLINE STATS_REASSOCIATE Sums sum2_count_body(const T* x, const T* g, cons
 }
 
 template <typename T>
-STATS_INLINE STATS_REASSOCIATE double sum_sq_dev_body(const T* x, const uint8_t* m, int64_t n,
+RLENGINE_INLINE STATS_REASSOCIATE double sum_sq_dev_body(const T* x, const uint8_t* m, int64_t n,
                                                       double mu) {
   double s = 0.0;
   STATS_REDUCE(+ : s)
@@ -118,7 +104,7 @@ STATS_INLINE STATS_REASSOCIATE double sum_sq_dev_body(const T* x, const uint8_t*
 }
 
 template <typename T>
-STATS_INLINE STATS_REASSOCIATE Sums sum_sq_dev_cross_body(const T* x, const T* g,
+RLENGINE_INLINE STATS_REASSOCIATE Sums sum_sq_dev_cross_body(const T* x, const T* g,
                                                           const uint8_t* m, int64_t n,
                                                           double mu) {
   double sxx = 0.0, sgx = 0.0;
@@ -131,16 +117,9 @@ STATS_INLINE STATS_REASSOCIATE Sums sum_sq_dev_cross_body(const T* x, const T* g
   return {sxx, sgx, 0};
 }
 
-STATS_INLINE STATS_REASSOCIATE int64_t count_true_body(const uint8_t* m, int64_t n) {
-  int32_t c = 0;
-  STATS_REDUCE(+ : c)
-  for (int64_t i = 0; i < n; ++i) c += m[i] != 0;
-  return c;
-}
-
 // out = m ? (x - mu) * scale + shift : 0
 template <typename T>
-STATS_INLINE void affine_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
+RLENGINE_INLINE void affine_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
                               T* __restrict__ out, int64_t n, double mu, double scale,
                               double shift) {
   for (int64_t i = 0; i < n; ++i) {
@@ -151,7 +130,7 @@ STATS_INLINE void affine_body(const T* __restrict__ x, const uint8_t* __restrict
 
 // The whitening gradient: out = m ? s * g - (x - mu) * k + shift : 0
 template <typename T>
-STATS_INLINE void whiten_grad_body(const T* __restrict__ x, const T* __restrict__ g,
+RLENGINE_INLINE void whiten_grad_body(const T* __restrict__ x, const T* __restrict__ g,
                                    const uint8_t* __restrict__ m, T* __restrict__ out, int64_t n,
                                    double mu, double s, double k, double shift) {
   for (int64_t i = 0; i < n; ++i) {
@@ -161,7 +140,7 @@ STATS_INLINE void whiten_grad_body(const T* __restrict__ x, const T* __restrict_
 }
 
 template <typename T>
-STATS_INLINE void fill_body(const uint8_t* __restrict__ m, T* __restrict__ out, int64_t n,
+RLENGINE_INLINE void fill_body(const uint8_t* __restrict__ m, T* __restrict__ out, int64_t n,
                             double value) {
   const T v = static_cast<T>(value);
   for (int64_t i = 0; i < n; ++i) out[i] = keep_or_zero(v, m[i]);
@@ -170,7 +149,7 @@ STATS_INLINE void fill_body(const uint8_t* __restrict__ m, T* __restrict__ out, 
 // Column variants: element j of the row segment belongs to output column j. The accumulators
 // are per column, so these are element-wise loops too.
 template <typename T>
-STATS_INLINE void col_sum_count_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
+RLENGINE_INLINE void col_sum_count_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
                                      int64_t n, double* __restrict__ sum,
                                      int64_t* __restrict__ count) {
   for (int64_t j = 0; j < n; ++j) {
@@ -180,7 +159,7 @@ STATS_INLINE void col_sum_count_body(const T* __restrict__ x, const uint8_t* __r
 }
 
 template <typename T>
-STATS_INLINE void col_sum_sq_dev_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
+RLENGINE_INLINE void col_sum_sq_dev_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
                                       int64_t n, const double* __restrict__ mu,
                                       double* __restrict__ acc) {
   for (int64_t j = 0; j < n; ++j) {
@@ -189,14 +168,14 @@ STATS_INLINE void col_sum_sq_dev_body(const T* __restrict__ x, const uint8_t* __
   }
 }
 
-STATS_INLINE void col_count_body(const uint8_t* __restrict__ m, int64_t n,
+RLENGINE_INLINE void col_count_body(const uint8_t* __restrict__ m, int64_t n,
                                  int64_t* __restrict__ count) {
   for (int64_t j = 0; j < n; ++j) count[j] += m[j] != 0;
 }
 
 // out = m ? (x - mu) * scale : 0, per column
 template <typename T>
-STATS_INLINE void col_scaled_dev_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
+RLENGINE_INLINE void col_scaled_dev_body(const T* __restrict__ x, const uint8_t* __restrict__ m,
                                       T* __restrict__ out, int64_t n,
                                       const double* __restrict__ mu,
                                       const double* __restrict__ scale) {
@@ -207,7 +186,7 @@ STATS_INLINE void col_scaled_dev_body(const T* __restrict__ x, const uint8_t* __
 }
 
 template <typename T>
-STATS_INLINE void col_fill_body(const uint8_t* __restrict__ m, T* __restrict__ out, int64_t n,
+RLENGINE_INLINE void col_fill_body(const uint8_t* __restrict__ m, T* __restrict__ out, int64_t n,
                                 const double* __restrict__ value) {
   for (int64_t j = 0; j < n; ++j) out[j] = keep_or_zero(static_cast<T>(value[j]), m[j]);
 }
@@ -259,7 +238,6 @@ STATS_PRIMITIVES(float)
 STATS_PRIMITIVES(double)
 #undef STATS_PRIMITIVES
 
-STATS_CLONES_R int64_t count_true(const uint8_t* m, int64_t n) { return count_true_body(m, n); }
 RLENGINE_SIMD_CLONES void col_count(const uint8_t* m, int64_t n, int64_t* count) {
   col_count_body(m, n, count);
 }
@@ -277,10 +255,6 @@ constexpr int64_t kBlock = 16384;  // elements per partial sum of a reduced row
 constexpr int64_t kTile = 256;     // output columns per task when the reduced dim is not last
 
 static_assert(kBlock % kChunk == 0 && kTile <= kChunk);
-
-// fp32 for every float dtype but fp64: the working type of the primitives and the result type.
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename scalar_t>
 constexpr bool kIsCompute = std::is_same_v<scalar_t, compute_t<scalar_t>>;
@@ -531,9 +505,7 @@ at::Tensor masked_mean_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
   check_cpu(op, "mask", mask_in);
   check_bool(op, "mask", mask_in);
   check_floating(op, "grad", grad_in);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                       dtype == at::kHalf,
-                   "rlengine.masked_mean_backward: dtype must be a float dtype, got ", dtype);
+  check_floating(op, "dtype", dtype);
   const auto dim = wrap_dim(op, mask_in, dim_in);
   check_shape(op, "grad", grad_in, reduced_shape(mask_in, dim));
   const at::Tensor mask = mask_in.contiguous();
@@ -551,9 +523,7 @@ at::Tensor masked_mean_backward_cpu(const at::Tensor& grad_in, const at::Tensor&
           g.outer, g.len,
           [&](int64_t, int64_t b, int64_t e) {
             Sums s;
-            for (int64_t c = b; c < e; c += kChunk) {
-              s.count += stats::count_true(mp + c, std::min(kChunk, e - c));
-            }
+            s.count = count_nonzero(mp + b, e - b);
             return s;
           },
           [&](int64_t r, const Sums& s) {

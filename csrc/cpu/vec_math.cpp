@@ -1,5 +1,7 @@
 #include "cpu/vec_math.h"
 
+#include <algorithm>
+
 namespace rlengine::cpu {
 
 RLENGINE_SIMD_CLONES void to_float(const c10::BFloat16* in, float* out, int64_t n) {
@@ -30,6 +32,22 @@ RLENGINE_SIMD_CLONES void from_float(const float* in, c10::Half* out, int64_t n)
   _Float16* h = reinterpret_cast<_Float16*>(out);
   RLENGINE_SIMD
   for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(in[i]);
+}
+
+// A plain loop, not `omp simd`: GCC sizes an omp simd reduction by its narrowest type (the mask
+// byte) before target_clones widens the vectors, which caps it at 16-byte vectors in the AVX-512
+// clone; integer additions need no permission to be reordered. The count is kept in 32-bit lanes
+// over blocks short enough not to overflow them.
+RLENGINE_SIMD_CLONES int64_t count_nonzero(const uint8_t* m, int64_t n) {
+  constexpr int64_t kBlock = int64_t{1} << 30;
+  int64_t total = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = start + std::min(kBlock, n - start);
+    int32_t count = 0;
+    for (int64_t i = start; i < end; ++i) count += m[i] != 0;
+    total += count;
+  }
+  return total;
 }
 
 RLENGINE_SIMD_CLONES ChunkMax chunk_max(const float* x, int64_t n) {

@@ -41,6 +41,18 @@ constexpr float kExpUnderflow = -86.0f;
 RLENGINE_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 RLENGINE_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
+// v where the mask byte m is nonzero, else +0.0, as a bitwise AND with an all-ones or all-zeros
+// word. Unlike v * m it drops a masked-out NaN or inf; unlike `m ? v : 0`, which GCC turns into
+// a branch or a masked load that it cannot vectorize next to byte masks, it stays a branch-free
+// vector op.
+RLENGINE_INLINE float keep_or_zero(float v, uint8_t m) {
+  return bits_to_float(float_to_bits(v) & (0u - static_cast<uint32_t>(m != 0)));
+}
+RLENGINE_INLINE double keep_or_zero(double v, uint8_t m) {
+  const uint64_t keep = m != 0;
+  return __builtin_bit_cast(double, __builtin_bit_cast(uint64_t, v) & (uint64_t{0} - keep));
+}
+
 // exp(x) for x in [kExpUnderflow, 0], relative error < 1e-7, branch-free so it vectorizes.
 // Range reduction x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, ln2 split in two), a degree-7
 // Taylor polynomial for exp(r), and 2^n put straight into the exponent bits (valid because
@@ -81,6 +93,9 @@ void from_float(const float* in, c10::Half* out, int64_t n);
 
 // ---- reductions and maps over one chunk of a row (n elements, contiguous) ------------------
 
+// The number of nonzero bytes among m[0, n) (a bool mask read as bytes), for any n.
+int64_t count_nonzero(const uint8_t* m, int64_t n);
+
 struct ChunkMax {
   float max;        // largest element, -inf if none; NaNs are skipped here and reported below
   bool saw_nan;
@@ -93,12 +108,11 @@ struct ChunkSums {
   float sum_exp;
   float sum_exp_times_arg;
 };
-ChunkSums chunk_sum_exp(const float* x, int64_t n, float scale, float shift,
-                                             bool want_weighted);
+ChunkSums chunk_sum_exp(const float* x, int64_t n, float scale, float shift, bool want_weighted);
 
 // out_i = scale * -p_i * (a + b * (x_i * scale - lse)),  p_i = exp(x_i * scale - lse).
 // The gradient of a*logprob + b*entropy w.r.t. the logits, without the label's one-hot term.
-void chunk_softmax_grad(const float* x, float* out, int64_t n, float scale,
-                                             float lse, float a, float b);
+void chunk_softmax_grad(const float* x, float* out, int64_t n, float scale, float lse, float a,
+                        float b);
 
 }  // namespace rlengine::cpu

@@ -65,12 +65,24 @@ def same_device(op: str, **tensors: torch.Tensor | None) -> None:
             _fail(op, f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
-def mask(op: str, name: str, value: object, expected_shape: Sequence[int]) -> torch.Tensor:
-    """A boolean mask of the given shape; numeric masks count nonzero entries as True."""
+def mask(op: str, name: str, value: object, expected_shape: Sequence[int], *,
+         broadcast: bool = False, what: str = "") -> torch.Tensor:
+    """A boolean mask of the given shape; numeric masks count nonzero entries as True. With
+    broadcast, a mask whose shape broadcasts to expected_shape is accepted and expanded to it."""
     t = tensor(op, name, value)
     if t.dtype.is_complex:
         _fail(op, f"{name} must be a bool or real tensor, got {t.dtype}", TypeError)
-    shape(op, name, t, expected_shape)
+    if broadcast and t.shape != tuple(expected_shape):
+        try:
+            broadcast_shape = torch.broadcast_shapes(t.shape, expected_shape)
+        except RuntimeError:
+            broadcast_shape = None
+        if broadcast_shape != tuple(expected_shape):
+            described = f" ({what})" if what else ""
+            _fail(op, f"{name} must have shape {tuple(expected_shape)}{described} or broadcast to "
+                      f"it, got {tuple(t.shape)}")
+        t = t.expand(expected_shape)
+    shape(op, name, t, expected_shape, what)
     return t if t.dtype == torch.bool else t != 0
 
 

@@ -14,7 +14,6 @@ GAE = "gae"
 RETURNS = "discounted_returns"
 
 
-
 def _float_inputs(op: str, rewards: object, values: object | None, mask: object,
                   last_values: object | None):
     """Validated (rewards, values, mask, last_values), the float ones in their common dtype."""

@@ -14,7 +14,6 @@ from rlengine.ops import _checks
 OP = "token_logprobs"
 
 
-
 @overload
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = ...,
                    ignore_index: int = ..., with_entropy: Literal[False] = ...) -> torch.Tensor: ...

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -28,9 +28,8 @@ from rlengine.ops import _checks
 
 Reduce = Literal["end_mean", "end", "sum", "mean"]
 Spread = Literal["even", "repeat", "end"]
-REDUCES = ("end_mean", "end", "sum", "mean")
-SPREADS = ("even", "repeat", "end")
-
+REDUCES = get_args(Reduce)
+SPREADS = get_args(Spread)
 
 
 def _segments(op: str, segment_ids: object, counts: object, batch: int | None = None

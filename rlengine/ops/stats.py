@@ -30,25 +30,11 @@ from rlengine.ops import _checks
 __all__ = ["masked_mean", "masked_var", "masked_whiten"]
 
 
-
 def _inputs(op: str, x: object, mask: object) -> tuple[torch.Tensor, torch.Tensor]:
     """x as a float tensor and mask as a bool tensor of x's shape (expanded if it broadcasts)."""
     x = _checks.float_tensor(op, "x", x)
-    mask = _checks.tensor(op, "mask", mask)
-    if mask.dtype.is_complex:
-        _checks._fail(op, f"mask must be a bool or real tensor, got {mask.dtype}", TypeError)
-    _checks.same_device(op, x=x, mask=mask)
-    if mask.shape != x.shape:
-        try:
-            broadcast = torch.broadcast_shapes(mask.shape, x.shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != x.shape:
-            _checks._fail(op, f"mask must have shape {tuple(x.shape)} (x's) or broadcast to it, "
-                              f"got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        mask = mask != 0
-    return x, mask.expand(x.shape)
+    _checks.same_device(op, x=x, mask=_checks.tensor(op, "mask", mask))
+    return x, _checks.mask(op, "mask", mask, x.shape, broadcast=True, what="x's")
 
 
 def _dim(op: str, x: torch.Tensor, dim: object) -> int | None:
