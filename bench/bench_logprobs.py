@@ -91,4 +91,5 @@ def bench_forward_backward(benchmark, impl):
     fn = IMPLEMENTATIONS[impl]
     benchmark.group = f"token_logprobs forward+backward N={BATCH * STEPS} V={VOCAB} fp32"
     step = backward_of(lambda: fn(logits, labels), [logits])
-    run(benchmark, step, rounds=4, logits_mb=logits.nbytes / 2**20)
+    # warm-up as in bench_ranking.bench_rrhf_step: fresh N x V gradients fault in their pages
+    run(benchmark, step, rounds=5, warmup_rounds=3, logits_mb=logits.nbytes / 2**20)

@@ -24,13 +24,31 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(low: int):
+    """An argparse type: an int >= low, with an error that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
-    parser.add_argument("--seq-len", type=int, default=256,
-                        help="tokens per sequence (default 256)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per op (default 5)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--batch", type=_int_at_least(1), default=8, help="sequences (default 8)")
+    # the second half of each sequence is the response: 3 tokens leave it at least one label
+    parser.add_argument("--seq-len", type=_int_at_least(3), default=256,
+                        help="tokens per sequence, at least 3 (default 256)")
+    parser.add_argument("--vocab", type=_int_at_least(2), default=32000,
+                        help="vocabulary size (default 32000)")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=5,
+                        help="timed runs per op (default 5)")
+    parser.add_argument("--threads", type=_int_at_least(0), default=0,
+                        help="CPU threads (default 0: torch's)")
     parser.add_argument("--seed", type=int, default=0)
 
 

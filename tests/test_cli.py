@@ -32,3 +32,12 @@ def test_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "rlengine.cli", "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "quickstart" in result.stdout and "kernels" in result.stdout
+
+
+def test_bad_option_values_are_named():
+    for argv, message in ((["--batch", "0"], "--batch: must be >= 1, got 0"),
+                          (["--seq-len", "2"], "--seq-len: must be >= 3, got 2"),
+                          (["--vocab", "many"], "--vocab: expected an integer, got 'many'")):
+        result = subprocess.run([sys.executable, "-m", "rlengine.cli", "kernels", *argv],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
