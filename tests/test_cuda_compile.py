@@ -1,15 +1,24 @@
 """Every CUDA kernel file compiles with nvcc for the architectures the GPU build targets, on any
-machine with the CUDA toolkit (no GPU needed: the .cu files include only the toolkit)."""
+machine with the CUDA toolkit (no GPU needed: the .cu files include only the toolkit).
 
+The torch-facing glue (csrc/cuda/*.cpp) needs the CUDA headers of c10, which the CPU wheel of
+torch lacks; set RLENGINE_CUDA_TORCH_INCLUDE to the include/ folder of a CUDA build of torch
+(unzip one wheel's torch/include) to syntax-check it here as well."""
+
+import os
 import pathlib
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 
-CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+CUDA_DIR = CSRC / "cuda"
 KERNEL_FILES = sorted(CUDA_DIR.glob("*.cu"))
-NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
+GLUE_FILES = sorted(CUDA_DIR.glob("*.cpp"))
+NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
+CUDA_TORCH_INCLUDE = os.environ.get("RLENGINE_CUDA_TORCH_INCLUDE")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -18,7 +27,22 @@ NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin")
 @pytest.mark.parametrize("source", KERNEL_FILES, ids=lambda p: p.name)
 def test_cuda_kernel_compiles(source, arch, tmp_path):
     result = subprocess.run(
-        [NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-I", str(CUDA_DIR.parent), "-c",
-         str(source), "-o", str(tmp_path / "kernel.o")],
+        [NVCC, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-Werror", "-Werror",
+         "all-warnings", "-I", str(CSRC), "-c", str(source), "-o", str(tmp_path / "kernel.o")],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.skipif(not CUDA_TORCH_INCLUDE, reason="RLENGINE_CUDA_TORCH_INCLUDE is not set")
+@pytest.mark.parametrize("source", GLUE_FILES, ids=lambda p: p.name)
+def test_cuda_glue_compiles(source):
+    cuda_include = pathlib.Path(NVCC).resolve().parents[1] / "include"
+    include = pathlib.Path(CUDA_TORCH_INCLUDE)
+    result = subprocess.run(
+        ["c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
+         "-DRLENGINE_WITH_CUDA", "-I", str(CSRC), "-I", str(include),
+         "-I", str(include / "torch" / "csrc" / "api" / "include"), "-I", str(cuda_include),
+         "-I", sysconfig.get_paths()["include"], str(source)],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
