@@ -91,3 +91,9 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     assert not view.is_contiguous() or t.numel() <= 1
     return view
+
+
+# Devices the kernel tests run on: the CPU always, and the GPU where torch sees one. The CUDA
+# kernels' tests (tests/cuda/) are written device-generic, so on a machine without a GPU their
+# logic still runs against the CPU kernels.
+DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
