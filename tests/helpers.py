@@ -94,6 +94,6 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 # Devices the kernel tests run on: the CPU always, and the GPU where torch sees one. The CUDA
-# kernels. tests (tests/test_cuda_<family>.py) are written device-generic, so on a machine without a GPU their
-# logic still runs against the CPU kernels.
+# kernels' tests (tests/test_cuda_<family>.py) are device-generic, so on a machine without a
+# GPU their logic still runs, against the CPU kernels.
 DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
