@@ -7,7 +7,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_RUN ?= cpu-$(shell date +%Y-%m-%d)
 
-.PHONY: quickstart test install setup bench asan-test inplace nvcc-check clean
+.PHONY: quickstart test install setup bench asan-test inplace gpu-wheels gpu-run clean
 
 quickstart: install
 	$(PYTHON) -m rlengine.cli quickstart
@@ -49,6 +49,18 @@ inplace:
 	cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$$(which $(PYTHON))
 	cmake --build build/inplace
 	cp build/inplace/_C*.so rlengine/
+
+# The GPU run (bench/gpu_run.sh: CUDA build, tests, compute-sanitizer, benchmarks). The GPU
+# machines have no package index: `make gpu-wheels` fetches the baselines they lack, as wheels for
+# their Python (3.12), into .whl/, which gpu_run.sh installs from.
+GPU_WHEELS = liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==4.7.0 \
+	dill==0.4.0 multiprocess==0.70.18
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-run:
+	bash bench/gpu_run.sh
 
 clean:
 	rm -rf build dist *.egg-info rlengine/_C*.so
