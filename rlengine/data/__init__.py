@@ -1,5 +1,48 @@
-"""Data: loading preference, ranked and prompt-only data, and tokenizing it."""
+"""Data: loading preference, ranked and prompt-only data, and tokenizing it.
 
+    pairs = load_preferences("pairs.jsonl")                 # or .json, .parquet, a Dataset...
+    tokenizer = load_tokenizer("my-model/")                 # a local folder, or:
+    tokenizer = train_text_tokenizer(example_texts(pairs), vocab_size=8192)
+    data = PreferenceDataset(pairs, tokenizer, max_length=512)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=data.collate)
+
+See rlengine.data.loaders (formats, how the prompt is found, errors), rlengine.data.tokenize
+(rendering, truncation, collated tensors) and rlengine.data.tokenizer (offline tokenizers)."""
+
+from rlengine.data.loaders import (
+    DataFormatError,
+    SkippedRowsWarning,
+    load_preferences,
+    load_prompts,
+    load_ranked,
+)
+from rlengine.data.tokenize import (
+    PreferenceDataset,
+    PromptDataset,
+    RankedDataset,
+    TokenizedPair,
+    TokenizedPrompt,
+    TokenizedRanked,
+    TokenizedSequence,
+    TruncationStats,
+    collate_pairs,
+    collate_prompts,
+    collate_ranked,
+    pad_token_id,
+    tokenize_pair,
+    tokenize_prompt,
+    tokenize_ranked,
+)
+from rlengine.data.tokenizer import example_texts, load_tokenizer, train_text_tokenizer
+from rlengine.data.transcripts import is_hh_transcript, split_conversations, split_hh_transcripts
 from rlengine.data.types import PreferencePair, PromptExample, RankedExample, Source
 
-__all__ = ["PreferencePair", "PromptExample", "RankedExample", "Source"]
+__all__ = [
+    "DataFormatError", "PreferenceDataset", "PreferencePair", "PromptDataset", "PromptExample",
+    "RankedDataset", "RankedExample", "SkippedRowsWarning", "Source", "TokenizedPair",
+    "TokenizedPrompt", "TokenizedRanked", "TokenizedSequence", "TruncationStats",
+    "collate_pairs", "collate_prompts", "collate_ranked", "example_texts", "is_hh_transcript",
+    "load_preferences", "load_prompts", "load_ranked", "load_tokenizer", "pad_token_id",
+    "split_conversations", "split_hh_transcripts", "tokenize_pair", "tokenize_prompt",
+    "tokenize_ranked", "train_text_tokenizer",
+]
