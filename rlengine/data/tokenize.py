@@ -138,13 +138,12 @@ class _Encoder:
         self.tokenizer = tokenizer
         self.eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None \
             else []
-        # Plain text keeps the special tokens the tokenizer puts before a text (Llama's and
-        # our BOS) but none after it: a prompt must not end with an EOS.
+        # Plain text keeps the BOS that the tokenizer itself puts before a text (Llama's, ours)
+        # but nothing it may put after it: a prompt must not end with an EOS. The empty text
+        # shows what it adds without depending on its vocabulary.
         bos = tokenizer.bos_token_id
-        with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
-        bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.leading = [bos] if bos is not None and with_specials[:1] == [bos] \
-            and bare[:1] != [bos] else []
+        added = tokenizer("", add_special_tokens=True)["input_ids"]
+        self.leading = [bos] if bos is not None and added[:1] == [bos] else []
 
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -188,7 +187,7 @@ class _Encoder:
         return self.ids(prompt_text), responses_ids
 
     def render(self, messages: list[dict[str, Any]], where: str, *,
-                add_generation_prompt: bool = False) -> str:
+               add_generation_prompt: bool = False) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"{where}: conversational data needs a tokenizer with a chat "
                              "template (train_text_tokenizer makes one with a template)")
