@@ -12,15 +12,22 @@
 TORCH_LIBRARY(rlengine, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
 
-  // ---- log-probs (csrc/cpu/logprobs.cpp) -----------------------------------------------------
+  // ---- log-probs (csrc/cpu/logprobs.cpp, csrc/cuda/logprobs.cpp) ---------------------------
   // logprobs and entropy are fp32 (fp64 for fp64 logits) with the shape of labels; entropy is
   // empty unless with_entropy; logsumexp of logits / temperature is kept for the backward.
+  // inplace_backward does not change the forward: it tells the autograd formula to call
+  // token_logprobs_inplace_backward. It is the one schema default, so that callers written
+  // for the five-argument op keep working.
   m.def("token_logprobs(Tensor logits, Tensor labels, float temperature, "
-        "int ignore_index, bool with_entropy) "
+        "int ignore_index, bool with_entropy, bool inplace_backward=False) "
         "-> (Tensor logprobs, Tensor entropy, Tensor logsumexp)", tags);
   m.def("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, "
         "Tensor labels, Tensor logsumexp, Tensor entropy, float temperature, int ignore_index) "
         "-> Tensor", tags);
+  // The same gradient written over the logits (through their strides): no N x V allocation.
+  m.def("token_logprobs_inplace_backward(Tensor? grad_logprobs, Tensor? grad_entropy, "
+        "Tensor(a!) logits, Tensor labels, Tensor logsumexp, Tensor entropy, float temperature, "
+        "int ignore_index) -> ()", tags);
 
   // ---- ranking and preference losses (csrc/cpu/ranking.cpp) ----------------------------------
   m.def("sequence_scores(Tensor token_logprobs, Tensor mask, float length_penalty) -> Tensor",

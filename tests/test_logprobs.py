@@ -199,6 +199,12 @@ def test_opcheck(dtype, with_entropy):
     torch.library.opcheck(torch.ops.rlengine.token_logprobs_backward.default,
                           (torch.randn(3, 5), torch.randn(3, 5), logits.detach(), labels, lse,
                            entropy, 0.9, IGNORE))
+    torch.library.opcheck(torch.ops.rlengine.token_logprobs.default,
+                          (logits, labels, 0.9, IGNORE, with_entropy, True))
+    grad_entropy = torch.randn(3, 5) if with_entropy else None
+    torch.library.opcheck(torch.ops.rlengine.token_logprobs_inplace_backward.default,
+                          (torch.randn(3, 5), grad_entropy, logits.detach().clone(), labels, lse,
+                           entropy, 0.9, IGNORE))
 
 
 def test_compiles_fullgraph():
@@ -281,3 +287,134 @@ def test_kernel_never_reads_out_of_range_labels():
     lp, _, _ = torch.ops.rlengine.token_logprobs(logits, labels, 1.0, IGNORE, False)
     assert torch.isnan(lp[1:]).all()
     torch.testing.assert_close(lp[0], torch.log_softmax(logits[0], -1)[2])
+
+
+# ---- in-place backward --------------------------------------------------------------------
+
+def _leaf_with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A leaf tensor holding values in the given memory layout."""
+    if layout == "contiguous":
+        return values.clone().requires_grad_()
+    if layout == "row_strided":  # rows padded apart and starting off 16-byte boundaries
+        padded = torch.zeros(*values.shape[:-1], values.shape[-1] + 3, dtype=values.dtype)
+        padded[..., 1:-2] = values
+        return padded[..., 1:-2].detach().requires_grad_()
+    assert layout == "vocab_strided"  # vocabulary stride 2: the kernel works on a copy
+    wide = values.repeat_interleave(2, dim=-1)
+    return wide[..., ::2].detach().requires_grad_()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "vocab_strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_equals_out_of_place_bitwise(dtype, layout):
+    values = (torch.randn(4, 3, 133) * 3).to(dtype)
+    values[1, 2] = -math.inf                  # a NaN row of gradient
+    values[2, 0, ::5] = -math.inf
+    labels = _labels((4, 3), 133)
+    labels[0, 1] = IGNORE
+    grads = [torch.randn(4, 3), torch.randn(4, 3)]
+    results = {}
+    for inplace in (False, True):
+        x = _leaf_with_layout(values, layout)
+        lp, ent = ops.token_logprobs(x, labels, temperature=0.7, with_entropy=True,
+                                     inplace_backward=inplace)
+        torch.autograd.backward([lp, ent], [g.to(lp.dtype) for g in grads])
+        results[inplace] = x
+    out_of_place, in_place = results[False].grad, results[True].grad
+    assert torch.equal(_bits(in_place), _bits(out_of_place))
+    # The logits' memory now holds the gradient. A contiguous leaf takes that very memory as
+    # its .grad; for other leaves autograd's layout rule for .grad makes a contiguous copy.
+    x = results[True]
+    assert torch.equal(_bits(x), _bits(out_of_place))
+    if layout == "contiguous":
+        assert in_place.data_ptr() == x.data_ptr()
+
+
+def test_inplace_backward_of_a_view_writes_through_its_strides():
+    """logits[:, :-1] of a leaf: the gradient handed to the slice's backward is the view's own
+    memory with its strides, and the leaf gets the usual full-shape gradient."""
+    full = torch.randn(3, 6, 41, requires_grad=True)
+    labels = _labels((3, 5), 41)
+    expected = torch.autograd.grad(ops.token_logprobs(full[:, :-1], labels).sum(), full)[0]
+    logits = full[:, :-1]
+    seen = {}
+    logits.register_hook(lambda g: seen.update(ptr=g.data_ptr(), stride=g.stride()))
+    ops.token_logprobs(logits, labels, inplace_backward=True).sum().backward()
+    assert seen == {"ptr": logits.data_ptr(), "stride": logits.stride()}
+    assert torch.equal(full.grad, expected)
+    assert torch.equal(full.detach()[:, :-1], expected[:, :-1])  # the leaf's memory holds it
+
+
+def test_inplace_backward_allocates_nothing_vocabulary_sized():
+    """Measured by the profiler's allocator events during the backward: the out-of-place
+    backward allocates the N x V gradient, the in-place one only O(N) buffers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, vocab = 64, 4096
+    labels = torch.randint(0, vocab, (rows,))
+    largest = {}
+    for inplace in (False, True):
+        logits = torch.randn(rows, vocab, requires_grad=True)
+        lp, ent = ops.token_logprobs(logits, labels, with_entropy=True, inplace_backward=inplace)
+        loss = lp.sum() + 0.5 * ent.sum()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss.backward()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        largest[inplace] = max((e.nbytes() for e in events), default=0)
+        assert logits.grad is not None
+    assert largest[False] >= rows * vocab * 4, "the probe no longer sees the gradient buffer"
+    assert largest[True] <= rows * 8 * 4, f"largest allocation {largest[True]} bytes"
+
+
+def test_inplace_backward_version_counter():
+    labels = _labels((4,), 9)
+    # Bumped by the write, and the op's own saved logits are read before it: no error.
+    x = torch.randn(4, 9, requires_grad=True)
+    ops.token_logprobs(x, labels, inplace_backward=True).sum().backward()
+    assert x._version == 1
+    # A second backward through the same graph would read the overwritten logits: it raises.
+    x = torch.randn(4, 9, requires_grad=True)
+    lp = ops.token_logprobs(x, labels, inplace_backward=True)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
+    # Another node that saved the logits and runs after this op's backward raises too (the
+    # engine runs the later-created node first), instead of silently reading the gradient.
+    hidden = torch.randn(4, 5, requires_grad=True)
+    logits = hidden @ torch.randn(5, 9)
+    other = logits.sin().sum()
+    lp = ops.token_logprobs(logits, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + other).backward()
+
+
+def test_inplace_backward_rejects_double_backward_and_shared_memory():
+    labels = _labels((4,), 9)
+    x = torch.randn(4, 9, requires_grad=True)
+    lp = ops.token_logprobs(x, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lp.sum(), x, create_graph=True)
+    row = torch.randn(1, 9, requires_grad=True)
+    with pytest.raises(ValueError, match="do not share memory"):
+        ops.token_logprobs(row.expand(4, 9), labels, inplace_backward=True)
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        ops.token_logprobs(x, labels, inplace_backward=1)
+
+
+def test_inplace_backward_compiles_fullgraph():
+    def loss(x, y):
+        lp, ent = ops.token_logprobs(x[:, :-1], y[:, 1:], temperature=0.9, with_entropy=True,
+                                     inplace_backward=True)
+        return (lp * 2 + 0.1 * ent).sum()
+
+    values = torch.randn(2, 6, 33)
+    labels = _labels((2, 6), 33)
+    expected_leaf = values.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(expected_leaf, labels), expected_leaf)[0]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = values.clone().requires_grad_()
+    assert torch.equal(torch.autograd.grad(compiled(x, labels), x)[0], expected)

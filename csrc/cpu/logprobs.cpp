@@ -6,6 +6,7 @@
 // Entropy = log(s) - w / s with w accumulated against the running maximum, which avoids the
 // cancellation of the textbook lse - E[z]. Nothing of size N x V is allocated in the forward;
 // the backward recomputes the softmax from the saved per-row logsumexp.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -146,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
                                                                   const at::Tensor& labels_in,
                                                                   double temperature,
                                                                   int64_t ignore_index,
-                                                                  bool with_entropy) {
+                                                                  bool with_entropy,
+                                                                  bool /*inplace_backward*/) {
   constexpr const char* op = "token_logprobs";
   check_cpu(op, "logits", logits_in);
   check_cpu(op, "labels", labels_in);
@@ -247,44 +249,49 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_logprobs,
-                                       const std::optional<at::Tensor>& grad_entropy,
-                                       const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                       const at::Tensor& logsumexp_in,
-                                       const at::Tensor& entropy_in, double temperature,
-                                       int64_t ignore_index) {
-  constexpr const char* op = "token_logprobs_backward";
-  check_cpu(op, "logits", logits_in);
-  check_floating(op, "logits", logits_in);
-  check_labels_tensor(logits_in, labels_in);
+void check_backward_args(const char* op, const std::optional<at::Tensor>& grad_logprobs,
+                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                         const at::Tensor& labels, const at::Tensor& logsumexp,
+                         const at::Tensor& entropy, double temperature) {
+  check_cpu(op, "logits", logits);
+  check_floating(op, "logits", logits);
+  check_labels_tensor(logits, labels);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
                     "rlengine.token_logprobs: temperature must be a finite number > 0, got ",
                     temperature);
-  check_shape(op, "logsumexp", logsumexp_in, labels_in.sizes());
-  if (grad_logprobs) check_shape(op, "grad_logprobs", *grad_logprobs, labels_in.sizes());
+  check_shape(op, "logsumexp", logsumexp, labels.sizes());
+  if (grad_logprobs) check_shape(op, "grad_logprobs", *grad_logprobs, labels.sizes());
   if (grad_entropy) {
-    check_shape(op, "grad_entropy", *grad_entropy, labels_in.sizes());
-    check_shape(op, "entropy", entropy_in, labels_in.sizes());
+    check_shape(op, "grad_entropy", *grad_entropy, labels.sizes());
+    check_shape(op, "entropy", entropy, labels.sizes());
   }
-  const int64_t V = logits_in.size(-1);
-  const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
+}
+
+// Writes the logits gradient into `grad`, a tensor of the logits' shape with vocabulary stride
+// 1 and any leading strides; it may be `logits` itself (the in-place backward): row_backward
+// reads each chunk of a row before it writes that chunk.
+void backward_into(const at::Tensor& grad,
+                   const std::optional<at::Tensor>& grad_logprobs,
+                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                   const at::Tensor& labels_in, const at::Tensor& logsumexp_in,
+                   const at::Tensor& entropy_in, double temperature, int64_t ignore_index) {
+  const int64_t V = logits.size(-1);
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t N = labels.numel();
+  if (N == 0) return;
   const auto as_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
   const at::Tensor lse = as_double(logsumexp_in);
   const at::Tensor g_lp = grad_logprobs ? as_double(*grad_logprobs) : at::Tensor();
   const at::Tensor g_ent = grad_entropy ? as_double(*grad_entropy) : at::Tensor();
   const at::Tensor ent = grad_entropy ? as_double(entropy_in) : at::Tensor();
-  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(
-                                                         at::MemoryFormat::Contiguous));
-  advise_huge_pages(grad_logits);
-  const int64_t N = labels.numel();
-  if (N == 0) return grad_logits;
 
   const RowOffsets row_offset(logits);
+  const RowOffsets out_offset(grad);
   const double scale = 1.0 / temperature;
+  constexpr const char* op = "token_logprobs_backward";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
-    scalar_t* out_base = grad_logits.mutable_data_ptr<scalar_t>();
+    scalar_t* out_base = grad.mutable_data_ptr<scalar_t>();
     const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
     const double* lse_ptr = lse.const_data_ptr<double>();
     const double* g_lp_ptr = g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr;
@@ -294,7 +301,7 @@ at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_log
       float in_buffer[kChunk];
       float out_buffer[kChunk];
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* out = out_base + i * V;
+        scalar_t* out = out_base + out_offset(i);
         const int64_t label = label_ptr[i];
         if (label == ignore_index) {
           std::fill(out, out + V, scalar_t(0));
@@ -313,7 +320,60 @@ at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_log
       }
     });
   });
+}
+
+at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_logprobs,
+                                       const std::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& logits_in, const at::Tensor& labels,
+                                       const at::Tensor& logsumexp, const at::Tensor& entropy,
+                                       double temperature, int64_t ignore_index) {
+  constexpr const char* op = "token_logprobs_backward";
+  check_backward_args(op, grad_logprobs, grad_entropy, logits_in, labels, logsumexp, entropy,
+                      temperature);
+  const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(
+                                                         at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad_logits);
+  backward_into(grad_logits, grad_logprobs, grad_entropy, logits, labels, logsumexp, entropy,
+                temperature, ignore_index);
   return grad_logits;
+}
+
+// The in-place backward: the gradient replaces the logits, written through their own strides,
+// so nothing of size N x V is allocated. Logits whose vocabulary stride is not 1 are worked
+// on in a contiguous copy that is then copied back.
+void token_logprobs_inplace_backward_cpu(const std::optional<at::Tensor>& grad_logprobs,
+                                         const std::optional<at::Tensor>& grad_entropy,
+                                         at::Tensor& logits, const at::Tensor& labels,
+                                         const at::Tensor& logsumexp, const at::Tensor& entropy,
+                                         double temperature, int64_t ignore_index) {
+  constexpr const char* op = "token_logprobs_inplace_backward";
+  check_backward_args(op, grad_logprobs, grad_entropy, logits, labels, logsumexp, entropy,
+                      temperature);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+                    "rlengine.token_logprobs: an in-place backward needs logits whose elements ",
+                    "do not share memory (not an expand()ed tensor)");
+  if (logits.stride(-1) == 1) {
+    backward_into(logits, grad_logprobs, grad_entropy, logits, labels, logsumexp, entropy,
+                  temperature, ignore_index);
+    return;
+  }
+  at::Tensor copy = logits.contiguous();
+  backward_into(copy, grad_logprobs, grad_entropy, copy, labels, logsumexp, entropy,
+                temperature, ignore_index);
+  logits.copy_(copy);
+}
+
+// Autograd's version counter of the logits is bumped at the ADInplaceOrView key, where ATen's
+// own in-place ops bump theirs (and torch.library.custom_op's mutable ops): before the backend
+// kernel, on every device. A tensor saved for some other backward node that runs later then
+// raises torch's "modified by an inplace operation" error instead of reading the gradient.
+void bump_logits_version(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  constexpr size_t kArguments = 8, kLogits = 2;  // the op's schema: logits is argument 2 of 8
+  const at::Tensor& logits = (*stack)[stack->size() - kArguments + kLogits].toTensor();
+  if (!logits.is_inference()) logits.unsafeGetTensorImpl()->bump_version();
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
 }  // namespace
@@ -321,6 +381,12 @@ at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_log
 TORCH_LIBRARY_IMPL(rlengine, CPU, m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+  m.impl("token_logprobs_inplace_backward", &token_logprobs_inplace_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rlengine, ADInplaceOrView, m) {
+  m.impl("token_logprobs_inplace_backward",
+         torch::CppFunction::makeFromBoxedFunction<&bump_logits_version>());
 }
 
 }  // namespace rlengine::cpu
