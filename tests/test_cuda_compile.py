@@ -21,6 +21,17 @@ NVCC = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
 CUDA_TORCH_INCLUDE = os.environ.get("RLENGINE_CUDA_TORCH_INCLUDE")
 
 
+def cuda_include_dir() -> pathlib.Path:
+    """The toolkit's include/: from CUDA_HOME, else /usr/local/cuda, else beside nvcc (which may
+    be a wrapper script elsewhere, so it comes last)."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", pathlib.Path(NVCC).parents[1]]
+    for root in filter(None, candidates):
+        include = pathlib.Path(root) / "include"
+        if (include / "cuda_runtime_api.h").exists():
+            return include
+    pytest.skip("the CUDA toolkit's include/ folder was not found")
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.skipif(not KERNEL_FILES, reason="no csrc/cuda/*.cu files yet")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
@@ -37,7 +48,7 @@ def test_cuda_kernel_compiles(source, arch, tmp_path):
 @pytest.mark.skipif(not CUDA_TORCH_INCLUDE, reason="RLENGINE_CUDA_TORCH_INCLUDE is not set")
 @pytest.mark.parametrize("source", GLUE_FILES, ids=lambda p: p.name)
 def test_cuda_glue_compiles(source):
-    cuda_include = pathlib.Path(NVCC).resolve().parents[1] / "include"
+    cuda_include = cuda_include_dir()
     include = pathlib.Path(CUDA_TORCH_INCLUDE)
     result = subprocess.run(
         ["c++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
