@@ -275,10 +275,10 @@ def _chunked_backward(
     vocab = weight.shape[0]
     dtype = hidden.dtype
     acc = _accumulator_dtype(dtype)
-    empty = hidden.new_empty((0,))
-    grad_hidden = hidden.new_zeros((n, width)) if need_hidden else empty
-    grad_weight = hidden.new_zeros((vocab, width), dtype=acc) if need_weight else empty
-    grad_bias = hidden.new_zeros((vocab,), dtype=acc) if need_bias else empty
+    nothing = (0,)  # the shape of a gradient not asked for
+    grad_hidden = hidden.new_zeros((n, width) if need_hidden else nothing)
+    grad_weight = hidden.new_zeros((vocab, width) if need_weight else nothing, dtype=acc)
+    grad_bias = hidden.new_zeros((vocab,) if need_bias else nothing, dtype=acc)
     weight_acc = weight.to(acc)
     bias_acc = bias.to(acc) if bias is not None else None
     rows = _chunk_rows(vocab, acc)
@@ -297,6 +297,7 @@ def _chunked_backward(
             grad_weight.addmm_(dlogits.t(), hidden.index_select(0, index).to(acc))
         if need_bias:
             grad_bias += dlogits.sum(0)
+        del logits, dlogits  # before the next chunk's are made: one chunk of each at a time
     return grad_hidden, grad_weight.to(dtype), grad_bias.to(dtype)
 
 
@@ -312,7 +313,6 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy):
 @_chunked_backward.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, logsumexp, entropy,
       temperature, ignore_index, need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty((0,))
-    return (hidden.new_empty(hidden.shape) if need_hidden else empty,
-            hidden.new_empty(weight.shape) if need_weight else empty,
-            hidden.new_empty((weight.shape[0],)) if need_bias else empty)
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
+            hidden.new_empty(weight.shape) if need_weight else hidden.new_empty((0,)),
+            hidden.new_empty((weight.shape[0],)) if need_bias else hidden.new_empty((0,)))

@@ -233,7 +233,8 @@ def _backward_dlogits_kernel(
     cols = v_begin + local
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     active = row_ok & (labels != ignore_index)
-    lse = tl.load(logsumexp_ptr + rows, mask=active, other=0.0)
+    # +inf for inactive rows: their p = exp(z - lse) is 0 rather than an overflow
+    lse = tl.load(logsumexp_ptr + rows, mask=active, other=float("inf"))
     bad = active & ((labels < 0) | (labels >= V) | ~(tl.abs(lse) < float("inf")))
     a = tl.zeros([BLOCK_N], dtype=ACC)
     b = tl.zeros([BLOCK_N], dtype=ACC)
@@ -395,17 +396,16 @@ def backward(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | No
     v = weight.shape[0]
     dtype = hidden.dtype
     acc = _accumulator_dtype(dtype)
-    empty = hidden.new_empty((0,))
-    grad_weight = hidden.new_empty((v, h)) if need_weight else empty
-    grad_bias = hidden.new_empty((v,)) if need_bias else empty
+    grad_weight = hidden.new_empty((v, h)) if need_weight else hidden.new_empty((0,))
+    grad_bias = hidden.new_empty((v,)) if need_bias else hidden.new_empty((0,))
     if n == 0:
-        return (hidden.new_zeros((n, h)) if need_hidden else empty,
+        return (hidden.new_zeros((n, h)) if need_hidden else hidden.new_empty((0,)),
                 grad_weight.zero_(), grad_bias.zero_())
     labels = labels.contiguous()
     chunk = _chunk_columns(n, v, dtype)
     n_chunks = triton.cdiv(v, chunk)
     # One chunk: grad_hidden straight from one GEMM; several: an fp32 sum over the chunks.
-    grad_hidden = hidden.new_empty((n, h)) if need_hidden else empty
+    grad_hidden = hidden.new_empty((n, h)) if need_hidden else hidden.new_empty((0,))
     grad_hidden_sum = hidden.new_zeros((n, h), dtype=acc) if need_hidden and n_chunks > 1 \
         else None
     inv_temperature = _inverse_temperature(temperature, acc, hidden.device)
@@ -415,7 +415,7 @@ def backward(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | No
         width = min(chunk, v - v_begin)
         dlogits = hidden.new_empty((n, width))
         bias_partials = (hidden.new_zeros((triton.cdiv(n, MIN_BLOCK_N), width), dtype=acc)
-                         if need_bias else empty)
+                         if need_bias else None)
 
         def grid(meta, width=width):
             return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
@@ -425,7 +425,7 @@ def backward(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | No
             logsumexp, entropy if has_grad_entropy else logsumexp,
             grad_logprobs.contiguous() if has_grad_logprobs else logsumexp,
             grad_entropy.contiguous() if has_grad_entropy else logsumexp,
-            dlogits, bias_partials if need_bias else logsumexp,
+            dlogits, bias_partials if bias_partials is not None else logsumexp,
             n, v, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ignore_index, v_begin, width, _rows_bucket(n), H=h,
             HAS_BIAS=bias is not None, HAS_GRAD_LOGPROBS=has_grad_logprobs,
