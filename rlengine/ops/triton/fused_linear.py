@@ -40,6 +40,8 @@ spans and chunks, so that small shapes still cover several splits, tiles and chu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -268,7 +270,7 @@ def _backward_dlogits_kernel(
 
 # ---- launch configuration ---------------------------------------------------------------------
 
-INTERPRETED = not isinstance(_forward_partials_kernel, triton.runtime.JITFunction)
+INTERPRETED = bool(DOT_IN_ACC)  # the kernels above were decorated for the interpreter
 
 # Vocabulary columns per forward program: a multiple of every BLOCK_V below, so the number of
 # splits (and the partials buffer) does not depend on the configuration the autotuner picks.
@@ -276,41 +278,58 @@ SPLIT_COLUMNS = 128 if INTERPRETED else 2048
 # Upper bound of the backward's dlogits chunk (N x chunk columns, inputs' dtype).
 DLOGITS_CHUNK_BYTES = 512 * 2**20
 INTERPRETER_CHUNK_COLUMNS = 96
-# Row blocks of the smallest BLOCK_N: sizes the bias-gradient partials for any configuration.
-MIN_BLOCK_N = 32 if INTERPRETED else 64
 COMBINE_BLOCK = 32 if INTERPRETED else 256
 
 # Fixed small blocks for the interpreter (tl.dot needs every dimension >= 16).
 INTERPRETER_BLOCKS = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP_N=2)
 
-# H100-sized tiles (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): bf16 operand tiles of
-# (BLOCK_N + BLOCK_V) * BLOCK_K * 2 bytes per stage stay within the 227 KB of shared memory;
-# configurations that do not fit (fp32 inputs) are discarded by the autotuner.
-_TILES = [
-    (128, 256, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
-    (64, 256, 64, 8, 4),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-]
-_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8},
-                          num_warps=warps, num_stages=stages)
-            for n, v, k, warps, stages in _TILES]
+# Tiles sized for H100 (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages). Operand tiles take
+# (BLOCK_N + BLOCK_V) * BLOCK_K * itemsize bytes of shared memory per stage, within 227 KB:
+# 16-bit inputs get wgmma-sized tiles and 3-4 stages; fp32 inputs (TF32 or exact, as torch's
+# matmuls) half-depth tiles; fp64 inputs (the gradcheck path) small ones. Compiled for sm_90a
+# with ptxas -v, the 16-bit forward tiles use 168-255 registers with no spills except ~100
+# bytes at 128 x 256 (see the report of the commit that added them).
+TILES = {
+    2: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4)],
+    4: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)],
+    8: [(32, 64, 32, 4, 2), (64, 64, 32, 4, 2)],
+}
+# Row blocks of the smallest BLOCK_N: sizes the bias-gradient partials for any configuration.
+MIN_BLOCK_N = INTERPRETER_BLOCKS["BLOCK_N"] if INTERPRETED else \
+    min(t[0] for tiles in TILES.values() for t in tiles)
+assert INTERPRETED or all(SPLIT_COLUMNS % t[1] == 0 for tiles in TILES.values() for t in tiles)
+
+
+def _autotuned(kernel, key):
+    """One autotuner per input itemsize, over that itemsize's tiles. rows_bucket (N rounded up
+    to a power of two) keys the tuning on the order of magnitude of N, so that a new batch
+    size does not retune."""
+    return {itemsize: triton.autotune(
+        [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8},
+                       num_warps=warps, num_stages=stages)
+         for n, v, k, warps, stages in tiles], key=key)(kernel)
+        for itemsize, tiles in TILES.items()}
+
+
+# torch.library.triton_op finds an op's kernels by reading its body's source, where these are
+# out of sight (imported on first use, after TRITON_INTERPRET is known); AOTAutograd's cache
+# key includes the kernels' source only if it can find them, so tell it (private registry).
+try:
+    from torch._library.triton import triton_ops_to_kernels as _op_kernels
+
+    _op_kernels["rlengine::fused_linear_logprobs"] = [_forward_partials_kernel, _combine_kernel]
+    _op_kernels["rlengine::fused_linear_logprobs_backward"] = [_backward_dlogits_kernel]
+except ImportError:  # pragma: no cover - a torch without the registry
+    pass
 
 if INTERPRETED:
-    _forward_kernel = _forward_partials_kernel
-    _dlogits_kernel = _backward_dlogits_kernel
+    _FORWARD_KERNELS = dict.fromkeys(TILES, _forward_partials_kernel)
+    _DLOGITS_KERNELS = dict.fromkeys(TILES, _backward_dlogits_kernel)
     _BLOCKS = INTERPRETER_BLOCKS
 else:
-    assert all(SPLIT_COLUMNS % c.kwargs["BLOCK_V"] == 0 for c in _CONFIGS)
-    assert all(c.kwargs["BLOCK_N"] >= MIN_BLOCK_N for c in _CONFIGS)
-    # rows_bucket (N rounded up to a power of two) keys the tuning on the order of magnitude
-    # of N, so that a new batch size does not retune; the dtypes are part of the key anyway.
-    _forward_kernel = triton.autotune(_CONFIGS, key=["H", "V", "rows_bucket"])(
-        _forward_partials_kernel)
-    _dlogits_kernel = triton.autotune(_CONFIGS, key=["H", "width", "rows_bucket"])(
-        _backward_dlogits_kernel)
+    _FORWARD_KERNELS = _autotuned(_forward_partials_kernel, ["H", "V", "rows_bucket"])
+    _DLOGITS_KERNELS = _autotuned(_backward_dlogits_kernel, ["H", "width", "rows_bucket"])
     _BLOCKS = {}
 
 
@@ -342,8 +361,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             labels: torch.Tensor, temperature: float, ignore_index: int,
             with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs, entropy or empty, logsumexp) for hidden [N, H], weight [V, H], labels [N]."""
-    n, h = hidden.shape
-    v = weight.shape[0]
+    n = hidden.shape[0]
     acc = _accumulator_dtype(hidden.dtype)
     logprobs = hidden.new_empty((n,), dtype=acc)
     logsumexp = hidden.new_empty((n,), dtype=acc)
@@ -351,6 +369,22 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if n == 0:
         return logprobs, entropy, logsumexp
     labels = labels.contiguous()
+    with _on_device(hidden):
+        _launch_forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy,
+                        logprobs, entropy, logsumexp)
+    return logprobs, entropy, logsumexp
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy,
+                    logprobs, entropy, logsumexp):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    acc = logprobs.dtype
     n_splits = triton.cdiv(v, SPLIT_COLUMNS)
     partials = hidden.new_empty((4, n_splits, n), dtype=acc)
     inv_temperature = _inverse_temperature(temperature, acc, hidden.device)
@@ -358,7 +392,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)
 
-    wrap_triton(_forward_kernel)[grid](
+    wrap_triton(_FORWARD_KERNELS[hidden.dtype.itemsize])[grid](
         hidden, weight, bias if bias is not None else weight, labels, inv_temperature, partials,
         n, v, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         ignore_index, n_splits, n_splits * n, _rows_bucket(n), H=h, SPLIT_COLUMNS=SPLIT_COLUMNS,
@@ -368,7 +402,6 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         partials, labels, logprobs, entropy if with_entropy else logprobs, logsumexp,
         n, v, ignore_index, n_splits * n, N_SPLITS=n_splits, WITH_ENTROPY=with_entropy,
         BLOCK=COMBINE_BLOCK)
-    return logprobs, entropy, logsumexp
 
 
 def _chunk_columns(n: int, v: int, dtype: torch.dtype) -> int:
@@ -411,36 +444,39 @@ def backward(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | No
     inv_temperature = _inverse_temperature(temperature, acc, hidden.device)
     has_grad_logprobs = grad_logprobs is not None
     has_grad_entropy = grad_entropy is not None
-    for v_begin in range(0, v, chunk):
-        width = min(chunk, v - v_begin)
-        dlogits = hidden.new_empty((n, width))
-        bias_partials = (hidden.new_zeros((triton.cdiv(n, MIN_BLOCK_N), width), dtype=acc)
-                         if need_bias else None)
+    # (unused pointer arguments get any tensor: their kernel branches are compiled out)
+    grad_logprobs = grad_logprobs.contiguous() if has_grad_logprobs else logsumexp
+    grad_entropy = grad_entropy.contiguous() if has_grad_entropy else logsumexp
+    with _on_device(hidden):
+        for v_begin in range(0, v, chunk):
+            width = min(chunk, v - v_begin)
+            dlogits = hidden.new_empty((n, width))
+            bias_partials = (hidden.new_zeros((triton.cdiv(n, MIN_BLOCK_N), width), dtype=acc)
+                             if need_bias else None)
 
-        def grid(meta, width=width):
-            return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
+            def grid(meta, width=width):
+                return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
 
-        wrap_triton(_dlogits_kernel)[grid](
-            hidden, weight, bias if bias is not None else weight, labels, inv_temperature,
-            logsumexp, entropy if has_grad_entropy else logsumexp,
-            grad_logprobs.contiguous() if has_grad_logprobs else logsumexp,
-            grad_entropy.contiguous() if has_grad_entropy else logsumexp,
-            dlogits, bias_partials if bias_partials is not None else logsumexp,
-            n, v, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            ignore_index, v_begin, width, _rows_bucket(n), H=h,
-            HAS_BIAS=bias is not None, HAS_GRAD_LOGPROBS=has_grad_logprobs,
-            HAS_GRAD_ENTROPY=has_grad_entropy, BIAS_GRAD=need_bias,
-            ALLOW_TF32=_allow_tf32(dtype), **_BLOCKS)
-        if need_weight:
-            torch.mm(dlogits.t(), hidden, out=grad_weight[v_begin:v_begin + width])
-        if need_hidden:
-            weight_chunk = weight[v_begin:v_begin + width]
-            if grad_hidden_sum is None:
-                torch.mm(dlogits, weight_chunk, out=grad_hidden)
-            else:
-                grad_hidden_sum += _matmul_accumulate(dlogits, weight_chunk, acc)
-        if need_bias:
-            grad_bias[v_begin:v_begin + width] = bias_partials.sum(0)
+            wrap_triton(_DLOGITS_KERNELS[dtype.itemsize])[grid](
+                hidden, weight, bias if bias is not None else weight, labels, inv_temperature,
+                logsumexp, entropy if has_grad_entropy else logsumexp,
+                grad_logprobs, grad_entropy,
+                dlogits, bias_partials if bias_partials is not None else logsumexp,
+                n, v, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                ignore_index, v_begin, width, _rows_bucket(n), H=h,
+                HAS_BIAS=bias is not None, HAS_GRAD_LOGPROBS=has_grad_logprobs,
+                HAS_GRAD_ENTROPY=has_grad_entropy, BIAS_GRAD=need_bias,
+                ALLOW_TF32=_allow_tf32(dtype), **_BLOCKS)
+            if need_weight:
+                torch.mm(dlogits.t(), hidden, out=grad_weight[v_begin:v_begin + width])
+            if need_hidden:
+                weight_chunk = weight[v_begin:v_begin + width]
+                if grad_hidden_sum is None:
+                    torch.mm(dlogits, weight_chunk, out=grad_hidden)
+                else:
+                    grad_hidden_sum += _matmul_accumulate(dlogits, weight_chunk, acc)
+            if need_bias:
+                grad_bias[v_begin:v_begin + width] = bias_partials.sum(0)
     if grad_hidden_sum is not None:
         grad_hidden = grad_hidden_sum.to(dtype)
     return grad_hidden, grad_weight, grad_bias
