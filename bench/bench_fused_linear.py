@@ -74,3 +74,41 @@ def bench_forward_backward(benchmark, impl):
                        f"V={VOCAB} fp32")
     step = backward_of(lambda: fn(hidden, weight, labels), [hidden, weight])
     run(benchmark, step, rounds=3, warmup_rounds=2, **_info(torch.float32))
+
+
+# ---- GPU (Triton kernels): the acceptance shape, on a GPU machine only -----------------------
+
+GPU_TOKENS, GPU_HIDDEN, GPU_VOCAB = 8192, 4096, 128256
+
+
+def _gpu_step(impl):
+    hidden = torch.randn(GPU_TOKENS, GPU_HIDDEN, device="cuda").bfloat16().requires_grad_()
+    weight = (torch.randn(GPU_VOCAB, GPU_HIDDEN, device="cuda") / GPU_HIDDEN**0.5).bfloat16()
+    weight.requires_grad_()
+    labels = torch.randint(0, GPU_VOCAB, (GPU_TOKENS,), device="cuda")
+    fn = IMPLEMENTATIONS[impl]
+    step = backward_of(lambda: fn(hidden, weight, labels), [hidden, weight])
+
+    def synchronized():
+        out = step()
+        torch.cuda.synchronize()
+        return out
+
+    return synchronized
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU case")
+@pytest.mark.parametrize("impl", ["rlengine", "compiled"])
+def bench_gpu_forward_backward(benchmark, impl):
+    """Times include a device synchronization; peak_mb is the CUDA allocator's peak above what
+    was allocated before the step (inputs, and the gradients' previous values)."""
+    step = _gpu_step(impl)
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    benchmark.group = (f"fused_linear_logprobs forward+backward N={GPU_TOKENS} H={GPU_HIDDEN} "
+                       f"V={GPU_VOCAB} bf16 cuda")
+    run(benchmark, step, rounds=5, memory=False, device_peak_mb=round(peak_mb, 1),
+        logits_mb=GPU_TOKENS * GPU_VOCAB * 4 / 2**20)

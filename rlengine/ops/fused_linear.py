@@ -13,6 +13,7 @@ Ops (defined here in Python; the other families' schemas are in csrc/registratio
 Reference: ``reference.fused_linear_logprobs``.
 """
 
+import importlib.util
 import os
 from typing import Literal, Optional, overload
 
@@ -147,7 +148,27 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 # ---- the ops: Triton or chunked, chosen by uses_triton --------------------------------------
 # The schemas are inferred from the annotations (so no `from __future__ import annotations`).
 
-@torch.library.triton_op("rlengine::fused_linear_logprobs", mutates_args=())
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _triton_op(name: str):
+    """torch.library.triton_op, or where Triton is not installed (where its search for the
+    body's kernels would log a warning at import) a custom op with the body as fake kernel,
+    which is what triton_op registers too."""
+    def define(fn):
+        if _triton_installed():
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return define
+
+
+@_triton_op("rlengine::fused_linear_logprobs")
 def _fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor], labels: torch.Tensor,
                            temperature: float, ignore_index: int, with_entropy: bool
@@ -160,7 +181,7 @@ def _fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
         hidden, weight, bias, labels, temperature, ignore_index, with_entropy)
 
 
-@torch.library.triton_op("rlengine::fused_linear_logprobs_backward", mutates_args=())
+@_triton_op("rlengine::fused_linear_logprobs_backward")
 def _fused_linear_logprobs_backward(
         grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
