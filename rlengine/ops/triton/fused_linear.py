@@ -301,12 +301,19 @@ MIN_BLOCK_N = INTERPRETER_BLOCKS["BLOCK_N"] if INTERPRETED else \
 assert INTERPRETED or all(SPLIT_COLUMNS % t[1] == 0 for tiles in TILES.values() for t in tiles)
 
 
+# Row blocks per program group. About one CTA fits an SM (128-160 KB of shared memory), so the
+# 132 resident programs cover 16 row blocks (16 * BLOCK_N rows of hidden: 8-16 MB, in L2) and
+# ~8 column blocks, and each weight tile comes from HBM once per 16 row blocks: the weight is
+# read N / (16 * BLOCK_N) times per pass (4 times at N = 8192 with BLOCK_N = 128).
+GROUP_N = 16
+
+
 def _autotuned(kernel, key):
     """One autotuner per input itemsize, over that itemsize's tiles. rows_bucket (N rounded up
     to a power of two) keys the tuning on the order of magnitude of N, so that a new batch
     size does not retune."""
     return {itemsize: triton.autotune(
-        [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": 8},
+        [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, "GROUP_N": GROUP_N},
                        num_warps=warps, num_stages=stages)
          for n, v, k, warps, stages in tiles], key=key)(kernel)
         for itemsize, tiles in TILES.items()}
