@@ -493,3 +493,49 @@ def test_triton_compiles_fullgraph():
     hidden, weight, labels, bias = _inputs((2, 40), 64, 300, torch.float32, device="cuda")
     args = [t.requires_grad_() for t in (hidden, weight, bias)]
     assert_compiles_fullgraph(loss, *args, labels, wrt=tuple(args))
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs Triton's compiler")
+@pytest.mark.parametrize("kernel", ["forward", "dlogits", "combine"])
+def test_triton_kernels_compile_for_sm90(kernel):
+    """The kernels compile for H100 (sm_90a, through ptxas) with bf16 inputs at the target's
+    hidden size, as the GPU's JIT will: no GPU is needed, and the interpreter, which never
+    compiles, would not catch type or layout errors. The pipelined wgmma loop must appear."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rlengine.ops.triton import fused_linear as kernels
+
+    common = dict(hidden_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", labels_ptr="*i64",
+                  inv_temperature_ptr="*fp32", N="i32", V="i32", stride_hn="i32",
+                  stride_wv="i32", ignore_index="i32", rows_bucket="i32")
+    tile = dict(H=4096, HAS_BIAS=True, ALLOW_TF32=True, BLOCK_N=64, BLOCK_V=128, BLOCK_K=64,
+                GROUP_N=16, stride_hk=1, stride_wk=1)
+    if kernel == "forward":
+        fn = kernels._forward_partials_kernel
+        types = dict(common, partials_ptr="*fp32", n_splits="i32", plane="i32")
+        constants = dict(tile, SPLIT_COLUMNS=2048, WITH_ENTROPY=True)
+    elif kernel == "dlogits":
+        fn = kernels._backward_dlogits_kernel
+        types = dict(common, logsumexp_ptr="*fp32", entropy_ptr="*fp32",
+                     grad_logprobs_ptr="*fp32", grad_entropy_ptr="*fp32", dlogits_ptr="*bf16",
+                     bias_partials_ptr="*fp32", v_begin="i32", width="i32")
+        constants = dict(tile, HAS_GRAD_LOGPROBS=True, HAS_GRAD_ENTROPY=True, BIAS_GRAD=True)
+    else:
+        fn = kernels._combine_kernel
+        types = dict(partials_ptr="*fp32", labels_ptr="*i64", logprobs_ptr="*fp32",
+                     entropy_ptr="*fp32", logsumexp_ptr="*fp32", N="i32", V="i32",
+                     ignore_index="i32", plane="i32")
+        constants = dict(N_SPLITS=63, WITH_ENTROPY=True, BLOCK=256)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    # what the JIT assumes of pointers and of ints divisible by 16 (row strides H = 4096)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if types.get(name, "").startswith("*") or name in ("stride_hn", "stride_wv")}
+    compiled = triton.compile(ASTSource(fn, signature, constants, aligned),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=4))
+    assert compiled.asm["cubin"]
+    if kernel != "combine":
+        assert "warp_group_dot" in compiled.asm["ttgir"]               # wgmma
+        assert "async_copy_global_to_local" in compiled.asm["ttgir"]  # pipelined loads

@@ -287,8 +287,8 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP_N=2)
 # (BLOCK_N + BLOCK_V) * BLOCK_K * itemsize bytes of shared memory per stage, within 227 KB:
 # 16-bit inputs get wgmma-sized tiles and 3-4 stages; fp32 inputs (TF32 or exact, as torch's
 # matmuls) half-depth tiles; fp64 inputs (the gradcheck path) small ones. Compiled for sm_90a
-# with ptxas -v, the 16-bit forward tiles use 168-255 registers with no spills except ~100
-# bytes at 128 x 256 (see the report of the commit that added them).
+# (triton.compile and ptxas -v, which need no GPU; tests/test_fused_linear.py compiles one
+# tile), the 16-bit tiles use 168-255 registers and spill only at 128 x 256 (100-300 bytes).
 TILES = {
     2: [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4)],
