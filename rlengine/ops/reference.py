@@ -44,6 +44,15 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     return logprobs, entropy
 
 
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, temperature: float = 1.0,
+                          ignore_index: int = -100, with_entropy: bool = False):
+    """token_logprobs of the logits hidden @ weight.T + bias (which the kernels never form)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                          with_entropy=with_entropy)
+
+
 # ---- ranking and preference losses -------------------------------------------------------------
 
 def sequence_scores(token_logprobs: torch.Tensor, mask: torch.Tensor, *,
