@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "cpu/common.h"
 #include "cuda/types.h"
 
@@ -39,6 +41,26 @@ inline DType dtype_of(at::ScalarType t) {
 inline DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The distance s between logically consecutive elements when t's elements lie at data + i * s
+// in row-major order (contiguous: 1; a strided 1-D view such as rewards[:, 0]: its stride; an
+// expanded scalar, such as the incoming gradient of a sum: 0), else nullopt. Kernels that index
+// a tensor by its flat position read such a tensor in place instead of through a copy.
+inline std::optional<int64_t> linear_stride(const at::Tensor& t) {
+  std::optional<int64_t> step;
+  int64_t inner = 1;  // product of the sizes after dim d
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.size(d) != 1) {
+      if (!step) {
+        step = t.stride(d);
+      } else if (t.stride(d) != *step * inner) {
+        return std::nullopt;
+      }
+    }
+    inner *= t.size(d);
+  }
+  return step.value_or(0);
+}
 
 inline void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "rlengine.", op, ": CUDA kernel launch failed: ",
