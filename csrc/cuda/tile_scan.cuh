@@ -1,0 +1,192 @@
+// A single-pass scan over the flattened rows of a [B, T] batch, one tile of consecutive positions
+// per block, tiles chained by decoupled look-back (used by gae.cu and segments.cu; .cu only).
+//
+// The scans here are first-order recurrences along each row, restarted at every row boundary.
+// Each is written as an associative "then" on summaries (Op::Map): then(a, b) is the summary of
+// a stretch a followed, in scan order, by a stretch b. A row boundary is a summary that ignores
+// what came before it (its `cut` flag), so the whole batch is one flat scan of B*T positions and
+// its tiles need not align with rows: every shape (B = 1e5 rows of T = 1, or one row of 1e6)
+// becomes ceil(B*T / kTile) equal tiles that fill the GPU, and a chain of look-backs stops at the
+// nearest row boundary.
+//
+// Per block (one tile):
+//   1. thread 0 draws a ticket from a global counter: tickets follow the scan order (the first
+//      tile to scan gets ticket 0), so every tile a block waits for belongs to a block that has
+//      already started, and the spin-waits below cannot deadlock whatever order the hardware
+//      schedules blocks in;
+//   2. the kernel loads its tile (coalesced) and gives each thread the summary of its items;
+//   3. a block-wide exclusive scan of those summaries (warp shuffles, then one value per warp
+//      through shared memory) gives each thread the summary of the tile before it;
+//   4. warp 0 publishes the tile's summary (flag kAggregate, or kInclusive when it contains a
+//      row boundary), then looks back 32 predecessors at a time, composing aggregates until it
+//      meets an inclusive one; then it publishes the tile's own inclusive state;
+//   5. each thread gets the state entering its items: then(tile_in, thread_exclusive).
+// Records are written with L2-only stores and published by a release store of the flag; readers
+// take the flag with an acquire load, then read the record from L2, so no stale L1 line is read.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+
+namespace rlengine::cuda::tile_scan {
+
+enum : uint32_t { kEmpty = 0, kAggregate = 1, kInclusive = 2 };
+
+// Workspace: [ticket counter][flags: one per tile][records: aggregate, inclusive per tile]. The
+// counter and the flags must be zero before each launch (reset()); records need no reset.
+struct Workspace {
+  uint32_t* counter;
+  uint32_t* flags;
+  void* records;
+};
+
+__host__ __device__ inline int64_t flags_bytes(int64_t tiles) { return (tiles + 1) * int64_t(sizeof(uint32_t)); }
+
+__host__ __device__ inline int64_t records_offset(int64_t tiles) { return (flags_bytes(tiles) + 15) / 16 * 16; }
+
+__host__ __device__ inline int64_t workspace_bytes(int64_t tiles, int64_t map_bytes) {
+  return records_offset(tiles) + 2 * tiles * map_bytes;
+}
+
+__host__ __device__ inline Workspace workspace_at(void* base, int64_t tiles) {
+  auto* bytes = static_cast<unsigned char*>(base);
+  return {reinterpret_cast<uint32_t*>(bytes), reinterpret_cast<uint32_t*>(bytes) + 1,
+          bytes + records_offset(tiles)};
+}
+
+inline cudaError_t reset(void* base, int64_t tiles, cudaStream_t stream) {
+  return cudaMemsetAsync(base, 0, static_cast<size_t>(flags_bytes(tiles)), stream);
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Op requirements:
+//   using Map = ...;                 summaries; Map::shuffle(m, src_lane), m.store_cg(Map*),
+//                                    Map::load_cg(const Map*)
+//   static constexpr bool kDescending;   scan order: descending positions (a recurrence run
+//                                        backwards in time) or ascending
+//   static Map identity();  static Map then(const Map& a, const Map& b);
+//   static bool is_cut(const Map& m);   m ignores everything before it (a row boundary inside)
+template <class Op, int kThreads>
+struct TileScan {
+  using Map = typename Op::Map;
+  static constexpr int kWarps = kThreads / 32;
+  static_assert(kThreads % 32 == 0 && kWarps >= 1 && kWarps <= 32, "kThreads: 32..1024");
+
+  struct Storage {
+    Map warp_total[kWarps];  // indexed by the warp's rank in scan order
+    Map tile_in;
+    int64_t ticket;
+  };
+
+  // Rank of this thread / lane / warp in scan order.
+  __device__ static int rank_of(int index, int count) {
+    return Op::kDescending ? count - 1 - index : index;
+  }
+
+  // Thread 0 draws the tile's ticket: its position in scan order. Ends with a barrier.
+  __device__ static int64_t take_ticket(const Workspace& ws, Storage& s) {
+    if (threadIdx.x == 0) s.ticket = atomicAdd(ws.counter, 1u);
+    __syncthreads();
+    return s.ticket;
+  }
+
+  // Returns the state entering this thread's first item (in scan order): a cut Map, except where
+  // nothing comes before the tile in scan order (ticket 0) or `needs_in` is false (the tile's
+  // first item in scan order starts a row), where it is the identity and the caller's first
+  // item must restart the recurrence. Called by every thread of the block.
+  __device__ static Map exclusive_state(const Map& mine, int64_t ticket, bool needs_in,
+                                        const Workspace& ws, Storage& s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane_rank = rank_of(lane, 32), warp_rank = rank_of(warp, kWarps);
+    // The lane `offset` ranks earlier in scan order (valid where lane_rank >= offset).
+    const auto earlier = [&](int offset) { return Op::kDescending ? lane + offset : lane - offset; };
+
+    Map inclusive = mine;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const Map other = Map::shuffle(inclusive, earlier(offset) & 31);
+      if (lane_rank >= offset) inclusive = Op::then(other, inclusive);
+    }
+    Map exclusive = Map::shuffle(inclusive, earlier(1) & 31);
+    if (lane_rank == 0) exclusive = Op::identity();
+    if (lane_rank == 31) s.warp_total[warp_rank] = inclusive;
+    __syncthreads();
+
+    if (warp == 0) {
+      Map aggregate = Op::identity();
+      for (int u = 0; u < kWarps; ++u) aggregate = Op::then(aggregate, s.warp_total[u]);
+      Map* records = static_cast<Map*>(ws.records);
+      const bool cut = Op::is_cut(aggregate);
+      // A tile with a row boundary publishes its inclusive state at once: its successors never
+      // look past it.
+      if (lane == 0) {
+        aggregate.store_cg(&records[2 * ticket + (cut ? 1 : 0)]);
+        store_release(&ws.flags[ticket], cut ? kInclusive : kAggregate);
+      }
+      Map tile_in = Op::identity();
+      if (needs_in && ticket > 0) tile_in = look_back(ticket, ws);
+      if (lane == 0) {
+        if (!cut) {
+          Op::then(tile_in, aggregate).store_cg(&records[2 * ticket + 1]);
+          store_release(&ws.flags[ticket], kInclusive);
+        }
+        s.tile_in = tile_in;
+      }
+    }
+    __syncthreads();
+    // (composed after the look-back, so that it holds no registers across it)
+    Map in = s.tile_in;
+    for (int u = 0; u < warp_rank; ++u) in = Op::then(in, s.warp_total[u]);
+    return Op::then(in, exclusive);
+  }
+
+  // Warp 0: the state entering tile `ticket` (cut), composed from the aggregates of its
+  // predecessors back to the nearest inclusive one, 32 predecessors per round. Predecessors hold
+  // smaller tickets, so their blocks are running or done and publish their aggregate without
+  // waiting on anything: the spin ends.
+  __device__ static Map look_back(int64_t ticket, const Workspace& ws) {
+    const int lane = threadIdx.x & 31;
+    const Map* records = static_cast<const Map*>(ws.records);
+    Map after = Op::identity();  // the predecessors between the current window and the tile
+    for (int64_t nearest = ticket - 1;; nearest -= 32) {
+      const int64_t p = nearest - lane;  // lane 0: the nearest predecessor
+      uint32_t flag = kInclusive;
+      Map x = Op::identity();
+      if (p >= 0) {
+        flag = load_acquire(&ws.flags[p]);
+        while (flag == kEmpty) {
+          __nanosleep(64);
+          flag = load_acquire(&ws.flags[p]);
+        }
+        x = Map::load_cg(&records[2 * p + (flag == kInclusive ? 1 : 0)]);
+      }
+      // Past the first scan position (p < 0) counts as inclusive: the identity, never reached
+      // when the first tile in scan order starts with a row boundary, as all the callers' do.
+      const unsigned inclusive_lanes = __ballot_sync(kFullWarp, flag == kInclusive);
+      const int first = inclusive_lanes ? __ffs(inclusive_lanes) - 1 : 32;
+      if (lane > first) x = Op::identity();
+      // Compose the window in scan order: higher lanes are earlier.
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const Map other = Map::shuffle(x, (lane + offset) & 31);
+        if (lane + offset < 32) x = Op::then(other, x);
+      }
+      after = Op::then(Map::shuffle(x, 0), after);
+      if (first < 32) return after;
+    }
+  }
+};
+
+}  // namespace rlengine::cuda::tile_scan
