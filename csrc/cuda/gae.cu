@@ -21,9 +21,10 @@
 // as on the CPU, and each fp32 result is rounded once. A compensated fp32 scheme would save no
 // time here: the kernel moves 17 bytes per position and does about ten fp64 operations on it,
 // far below the fp64 rate of the H100/A100 class that the bandwidth is spent on (on GPUs with
-// 1/64-rate fp64 it would matter; they are not the target). Rows of 1e5 steps with
-// gamma = lam = 1 then match the float64 reference to about 1e-12 relative before the final
-// rounding, where fp32 accumulation would lose about 1e-3.
+// 1/64-rate fp64 it would matter; they are not the target), and a float64 state keeps the
+// CPU kernel's property exactly: on a row of 1e5 random steps with gamma = lam = 1 (sums of
+// size ~300) the float64 scan is off by ~1e-11 before the one final rounding, a plain fp32 scan
+// by ~1e-3.
 //
 // Launch: one memset of the tile flags, then one kernel with ceil(B*T / 2048) blocks of 256
 // threads, 8 positions per thread. A block loads its tile striped (consecutive threads read
@@ -42,6 +43,12 @@
 namespace rlengine::cuda {
 namespace {
 
+using tile_scan::Blocked;
+using tile_scan::blocked_keep;
+using tile_scan::kept;
+using tile_scan::padded;
+using tile_scan::Walk;
+
 constexpr int kThreads = 256;
 constexpr int kItems = 8;
 constexpr int kTile = kThreads * kItems;
@@ -55,14 +62,14 @@ constexpr int kTile = kThreads * kItems;
 #endif
 constexpr int kBackwardMinBlocks = 4;
 
-// Shared-memory slots with one pad element per 128 bytes: the blocked reads and writes (thread
-// i touches items 8i..8i+7) then fall in distinct banks, and the striped ones stay consecutive.
 template <typename E>
-constexpr int kPaddedTile = kTile + kTile / int(128 / sizeof(E));
+constexpr int kPaddedTile = tile_scan::padded_size<E>(kTile);
+using StripedWalk = tile_scan::StripedWalk<kThreads>;
+using Positions = Blocked<kItems>;
 
-template <typename E>
-__device__ __forceinline__ int padded(int i) {
-  return i + i / int(128 / sizeof(E));
+__device__ __forceinline__ uint32_t striped_valid(const Walk& w, const StripedWalk& at,
+                                                  const StridedInput& mask, int count) {
+  return tile_scan::striped_valid<kThreads, kItems>(w, at, mask, count);
 }
 
 template <typename scalar_t>
@@ -163,90 +170,6 @@ struct GradOp {
   __device__ static bool is_cut(const Map& m) { return m.cut != 0; }
 };
 
-// ---- positions -----------------------------------------------------------------------------
-
-// How the kernels walk the flat positions f = b * T + t.
-struct Walk {
-  int64_t tiles;
-  int64_t total;        // B * T
-  int64_t steps;        // T
-  int64_t stride_rows;  // kThreads = stride_rows * T + stride_cols: one striped step
-  int64_t stride_cols;
-};
-
-Walk walk_for(int64_t rows, int64_t steps) {
-  const int64_t total = rows * steps;
-  return {ceil_div(total, kTile), total, steps, kThreads / steps, kThreads % steps};
-}
-
-// Walks a thread's striped items: item s is position begin + s * kThreads + threadIdx.x.
-struct StripedWalk {
-  int64_t row, col;
-  __device__ StripedWalk(const Walk& w, int64_t begin) {
-    const int64_t f = begin + threadIdx.x;
-    row = f / w.steps;
-    col = f - row * w.steps;
-  }
-  __device__ void next(const Walk& w) {
-    col += w.stride_cols;
-    row += w.stride_rows;
-    if (col >= w.steps) {
-      col -= w.steps;
-      ++row;
-    }
-  }
-};
-
-// Bit s set where striped item s is in the tile and its mask byte is nonzero. The mask is read
-// first, on its own, so that the other inputs are loaded only at valid positions.
-__device__ __forceinline__ uint32_t striped_valid(const Walk& w, StripedWalk at,
-                                                  const StridedInput& mask, int count) {
-  uint32_t valid = 0;
-#pragma unroll
-  for (int s = 0; s < kItems; ++s) {
-    if (s * kThreads + int(threadIdx.x) < count &&
-        static_cast<const uint8_t*>(mask.data)[at.row * mask.row_stride +
-                                               at.col * mask.col_stride] != 0) {
-      valid |= 1u << s;
-    }
-    at.next(w);
-  }
-  return valid;
-}
-
-// The row boundaries among a thread's blocked items (positions first .. first + kItems - 1):
-// bit j of `starts` / `ends` is set where item j is a row's first / last position, and item j
-// lies in row first_row + (number of starts among items 1..j).
-struct Blocked {
-  int64_t first_row;
-  uint32_t starts = 0;
-  uint32_t ends = 0;
-  __device__ Blocked(const Walk& w, int64_t first) {
-    first_row = first / w.steps;
-    int64_t t = first - first_row * w.steps;
-#pragma unroll
-    for (int j = 0; j < kItems; ++j) {
-      if (first + j < w.total) {
-        if (t == 0) starts |= 1u << j;
-        if (t == w.steps - 1) ends |= 1u << j;
-      }
-      if (++t == w.steps) t = 0;
-    }
-  }
-  __device__ bool start(int j) const { return (starts >> j) & 1u; }
-  __device__ bool end(int j) const { return (ends >> j) & 1u; }
-  __device__ int64_t row(int j) const {
-    return first_row + __popc(starts & ((2u << j) - 2u));
-  }
-};
-
-// The mask bytes of a thread's blocked items, from one 8-byte shared-memory read.
-__device__ __forceinline__ uint64_t blocked_keep(const uint8_t* keep) {
-  return reinterpret_cast<const uint64_t*>(keep)[threadIdx.x];
-}
-
-__device__ __forceinline__ bool kept(uint64_t keep, int j) { return (keep >> (8 * j)) & 0xffu; }
-
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename scalar_t, bool kValues>
@@ -286,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, RLENGINE_GAE_FORWARD_MIN_BLOCKS)
   __syncthreads();
 
   // From here on each thread reads and writes only its own 8 consecutive slots.
-  const Blocked pos(walk, begin + int64_t{tid} * kItems);
+  const Positions pos(walk, begin + int64_t{tid} * kItems);
   const uint64_t keep_bytes = blocked_keep(keep);
   const auto bootstrap = [&](int j) {
     return args.last_values.data ? double(load_at<scalar_t>(args.last_values, pos.row(j), 0))
@@ -312,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, RLENGINE_GAE_FORWARD_MIN_BLOCKS)
     }
   }
   // The tile's first position in scan order is its last one: a row's end needs no carry.
-  const bool needs_in = (begin + count) % walk.steps != 0;
+  const int64_t end = begin + count;
+  const bool needs_in = end != tile_scan::quotient(end, walk.steps) * walk.steps;
   const GaeMap in = Scan::exclusive_state(mine, ticket, needs_in, ws, storage);
 
   // The same steps again from the true state, results in place of the inputs. Without a carry
@@ -339,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, RLENGINE_GAE_FORWARD_MIN_BLOCKS)
   __syncthreads();
 
   C* advantages = static_cast<C*>(args.advantages) + begin;
-  C* returns = static_cast<C*>(args.returns) + begin;
+  C* returns = kValues ? static_cast<C*>(args.returns) + begin : nullptr;
 #pragma unroll
   for (int s = 0; s < kItems; ++s) {
     const int i = s * kThreads + tid;
@@ -391,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   __syncthreads();
 
   // From here on each thread reads and writes only its own 8 consecutive slots.
-  const Blocked pos(walk, begin + int64_t{tid} * kItems);
+  const Positions pos(walk, begin + int64_t{tid} * kItems);
   const uint64_t keep_bytes = blocked_keep(keep);
   const double gamma = args.gamma, c = args.c;
 
@@ -406,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
       mine.alpha = c * mine.alpha;
     }
   }
-  const bool needs_in = begin % walk.steps != 0;
+  const bool needs_in = begin != tile_scan::quotient(begin, walk.steps) * walk.steps;
   const GradMap in = Scan::exclusive_state(mine, ticket, needs_in, ws, storage);
 
   grad_t* grad_last = static_cast<grad_t*>(args.grad_last_values);
@@ -433,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   __syncthreads();
 
   grad_t* grad_rewards = static_cast<grad_t*>(args.grad_rewards) + begin;
-  grad_t* grad_values = static_cast<grad_t*>(args.grad_values) + begin;
+  grad_t* grad_values = kValues ? static_cast<grad_t*>(args.grad_values) + begin : nullptr;
 #pragma unroll
   for (int s = 0; s < kItems; ++s) {
     const int i = s * kThreads + tid;
@@ -455,7 +379,7 @@ int64_t gae_workspace_bytes(int64_t rows, int64_t steps, bool backward) {
 
 cudaError_t launch_gae_forward(const GaeForwardArgs& args, cudaStream_t stream) {
   if (args.rows * args.steps == 0) return cudaSuccess;
-  const Walk walk = walk_for(args.rows, args.steps);
+  const Walk walk = tile_scan::make_walk<kThreads, kItems>(args.rows, args.steps);
   if (walk.tiles > INT_MAX) return cudaErrorInvalidConfiguration;
   if (const cudaError_t error = tile_scan::reset(args.workspace, walk.tiles, stream)) return error;
   const auto blocks = static_cast<unsigned int>(walk.tiles);
@@ -473,7 +397,7 @@ cudaError_t launch_gae_forward(const GaeForwardArgs& args, cudaStream_t stream) 
 cudaError_t launch_gae_backward(const GaeBackwardArgs& args, cudaStream_t stream) {
   if (args.rows * args.steps == 0) return cudaSuccess;
   if (args.dtype != DType::kFloat32 && args.dtype != DType::kFloat64) return cudaErrorInvalidValue;
-  const Walk walk = walk_for(args.rows, args.steps);
+  const Walk walk = tile_scan::make_walk<kThreads, kItems>(args.rows, args.steps);
   if (walk.tiles > INT_MAX) return cudaErrorInvalidConfiguration;
   if (const cudaError_t error = tile_scan::reset(args.workspace, walk.tiles, stream)) return error;
   const auto blocks = static_cast<unsigned int>(walk.tiles);

@@ -4,17 +4,9 @@
 // null.
 #pragma once
 
-#include "cuda/types.h"
+#include "cuda/strided.h"
 
 namespace rlengine::cuda {
-
-// A tensor read in place: its first element and the distance between rows and positions, in
-// elements (any strides: values[:, :-1], transposes, gradients expanded from a scalar).
-struct StridedInput {
-  const void* data = nullptr;  // null: an absent optional input (read as 0)
-  int64_t row_stride = 0;
-  int64_t col_stride = 0;
-};
 
 struct GaeForwardArgs {
   DType dtype = DType::kFloat32;  // of rewards, values and last_values
@@ -29,7 +21,7 @@ struct GaeForwardArgs {
   int64_t steps = 0;
   double gamma = 0.0;
   double c = 0.0;                 // gamma * lam (gamma for discounted_returns)
-  void* workspace = nullptr;      // gae_workspace_bytes(rows, steps, dtype) bytes
+  void* workspace = nullptr;      // gae_workspace_bytes(rows, steps, false) bytes
 };
 
 struct GaeBackwardArgs {
@@ -45,11 +37,11 @@ struct GaeBackwardArgs {
   double gamma = 0.0;
   double c = 0.0;
   bool with_values = true;        // gae (true) or discounted_returns (false)
-  void* workspace = nullptr;      // gae_workspace_bytes(rows, steps, dtype) bytes
+  void* workspace = nullptr;      // gae_workspace_bytes(rows, steps, true) bytes
 };
 
-// Bytes of the scan's workspace (tile flags and summaries) for a [rows, steps] batch: about
-// 100 bytes per 2048 positions.
+// Bytes of the scan's workspace (a ticket counter, then per tile of 2048 positions a flag and
+// two summaries: 84 bytes forward, 52 backward) for a [rows, steps] batch.
 int64_t gae_workspace_bytes(int64_t rows, int64_t steps, bool backward);
 
 // Both enqueue one memset of the workspace's flags and one kernel (nothing when rows * steps is

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/strided.h"
 
 namespace rlengine::cuda::tile_scan {
 
@@ -43,9 +44,13 @@ struct Workspace {
   void* records;
 };
 
-__host__ __device__ inline int64_t flags_bytes(int64_t tiles) { return (tiles + 1) * int64_t(sizeof(uint32_t)); }
+__host__ __device__ inline int64_t flags_bytes(int64_t tiles) {
+  return (tiles + 1) * int64_t(sizeof(uint32_t));
+}
 
-__host__ __device__ inline int64_t records_offset(int64_t tiles) { return (flags_bytes(tiles) + 15) / 16 * 16; }
+__host__ __device__ inline int64_t records_offset(int64_t tiles) {
+  return (flags_bytes(tiles) + 15) / 16 * 16;
+}
 
 __host__ __device__ inline int64_t workspace_bytes(int64_t tiles, int64_t map_bytes) {
   return records_offset(tiles) + 2 * tiles * map_bytes;
@@ -111,7 +116,9 @@ struct TileScan {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int lane_rank = rank_of(lane, 32), warp_rank = rank_of(warp, kWarps);
     // The lane `offset` ranks earlier in scan order (valid where lane_rank >= offset).
-    const auto earlier = [&](int offset) { return Op::kDescending ? lane + offset : lane - offset; };
+    const auto earlier = [&](int offset) {
+      return Op::kDescending ? lane + offset : lane - offset;
+    };
 
     Map inclusive = mine;
 #pragma unroll
@@ -188,5 +195,115 @@ struct TileScan {
     }
   }
 };
+
+// ---- walking the flat positions f = b * T + t --------------------------------------------
+
+// a / b for a >= 0 and b > 0: a 32-bit division where both fit (the common case) instead of the
+// much longer 64-bit division subroutine.
+__device__ __forceinline__ int64_t quotient(int64_t a, int64_t b) {
+  if (((a | b) >> 31) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
+struct Walk {
+  int64_t tiles;
+  int64_t total;        // B * T
+  int64_t steps;        // T
+  int64_t stride_rows;  // kThreads = stride_rows * T + stride_cols: one striped step
+  int64_t stride_cols;
+};
+
+template <int kThreads, int kItems>
+inline Walk make_walk(int64_t rows, int64_t steps) {
+  const int64_t total = rows * steps;
+  return {ceil_div(total, int64_t{kThreads} * kItems), total, steps, kThreads / steps,
+          kThreads % steps};
+}
+
+// Walks a thread's striped items: item s is position begin + s * kThreads + threadIdx.x.
+template <int kThreads>
+struct StripedWalk {
+  int64_t row, col;
+  __device__ StripedWalk(const Walk& w, int64_t begin) {
+    const int64_t f = begin + threadIdx.x;
+    row = quotient(f, w.steps);
+    col = f - row * w.steps;
+  }
+  __device__ void next(const Walk& w) {
+    col += w.stride_cols;
+    row += w.stride_rows;
+    if (col >= w.steps) {
+      col -= w.steps;
+      ++row;
+    }
+  }
+};
+
+// Bit s set where striped item s is in the tile (index < count) and its mask byte is nonzero.
+// The mask is read first, on its own, so that the other inputs are loaded only at valid
+// positions.
+template <int kThreads, int kItems>
+__device__ __forceinline__ uint32_t striped_valid(const Walk& w, StripedWalk<kThreads> at,
+                                                  const StridedInput& mask, int count) {
+  uint32_t valid = 0;
+#pragma unroll
+  for (int s = 0; s < kItems; ++s) {
+    if (s * kThreads + int(threadIdx.x) < count &&
+        static_cast<const uint8_t*>(mask.data)[at.row * mask.row_stride +
+                                               at.col * mask.col_stride] != 0) {
+      valid |= 1u << s;
+    }
+    at.next(w);
+  }
+  return valid;
+}
+
+// The row boundaries among a thread's blocked items (positions first .. first + kItems - 1):
+// bit j of `starts` / `ends` is set where item j is a row's first / last position, and item j
+// lies in row first_row + (number of starts among items 1..j).
+template <int kItems>
+struct Blocked {
+  static_assert(kItems <= 8, "one 8-byte read of the mask bytes (blocked_keep)");
+  int64_t first_row;
+  uint32_t starts = 0;
+  uint32_t ends = 0;
+  __device__ Blocked(const Walk& w, int64_t first) {
+    first_row = quotient(first, w.steps);
+    int64_t t = first - first_row * w.steps;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (first + j < w.total) {
+        if (t == 0) starts |= 1u << j;
+        if (t == w.steps - 1) ends |= 1u << j;
+      }
+      if (++t == w.steps) t = 0;
+    }
+  }
+  __device__ bool start(int j) const { return (starts >> j) & 1u; }
+  __device__ bool end(int j) const { return (ends >> j) & 1u; }
+  __device__ int64_t row(int j) const { return first_row + __popc(starts & ((2u << j) - 2u)); }
+};
+
+// Shared-memory slots with one pad element per 128 bytes: the blocked reads and writes (thread
+// i touches items 8i..8i+7) then fall in distinct banks, and the striped ones stay consecutive.
+template <typename E>
+__host__ __device__ constexpr int padded_size(int n) {
+  return n + n / int(128 / sizeof(E));
+}
+
+template <typename E>
+__device__ __forceinline__ int padded(int i) {
+  return i + i / int(128 / sizeof(E));
+}
+
+// The 8 bytes (one per item) of a thread's blocked items in a byte array of the tile, from one
+// 8-byte shared-memory read (the array must be 8-byte aligned).
+__device__ __forceinline__ uint64_t blocked_keep(const uint8_t* bytes) {
+  return reinterpret_cast<const uint64_t*>(bytes)[threadIdx.x];
+}
+
+__device__ __forceinline__ uint32_t kept(uint64_t bytes, int j) {
+  return static_cast<uint32_t>(bytes >> (8 * j)) & 0xffu;
+}
 
 }  // namespace rlengine::cuda::tile_scan
