@@ -54,7 +54,8 @@ constexpr int kItems = 8;
 constexpr int kTile = kThreads * kItems;
 
 // Resident blocks per SM asked of the register allocator: 4 (1024 threads) where the kernels fit
-// 64 registers without spilling; ptxas for sm_80 needs 80 for the forward's fp64 maps, so 3.
+// 64 registers without spilling; ptxas for sm_80 needs about 70 for the forward's fp64 maps, so
+// 3 there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define RLENGINE_GAE_FORWARD_MIN_BLOCKS 3
 #else

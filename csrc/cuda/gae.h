@@ -40,8 +40,8 @@ struct GaeBackwardArgs {
   void* workspace = nullptr;      // gae_workspace_bytes(rows, steps, true) bytes
 };
 
-// Bytes of the scan's workspace (a ticket counter, then per tile of 2048 positions a flag and
-// two summaries: 84 bytes forward, 52 backward) for a [rows, steps] batch.
+// Bytes of the scan's workspace (a ticket counter, then per tile of 2048 positions a flag and a
+// summary: 44 bytes forward, 28 backward) for a [rows, steps] batch.
 int64_t gae_workspace_bytes(int64_t rows, int64_t steps, bool backward);
 
 // Both enqueue one memset of the workspace's flags and one kernel (nothing when rows * steps is

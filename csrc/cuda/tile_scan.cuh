@@ -17,9 +17,9 @@
 //   2. the kernel loads its tile (coalesced) and gives each thread the summary of its items;
 //   3. a block-wide exclusive scan of those summaries (warp shuffles, then one value per warp
 //      through shared memory) gives each thread the summary of the tile before it;
-//   4. warp 0 publishes the tile's summary (flag kAggregate, or kInclusive when it contains a
-//      row boundary), then looks back 32 predecessors at a time, composing aggregates until it
-//      meets an inclusive one; then it publishes the tile's own inclusive state;
+//   4. warp 0 publishes the tile's summary (flag kAggregate, or kRowBoundary when it contains a
+//      row boundary), then looks back 32 predecessors at a time, composing their summaries
+//      until it meets a row boundary (see look_back: deterministic results);
 //   5. each thread gets the state entering its items: then(tile_in, thread_exclusive).
 // Records are written with L2-only stores and published by a release store of the flag; readers
 // take the flag with an acquire load, then read the record from L2, so no stale L1 line is read.
@@ -34,10 +34,12 @@
 
 namespace rlengine::cuda::tile_scan {
 
-enum : uint32_t { kEmpty = 0, kAggregate = 1, kInclusive = 2 };
+// A tile's flag: its summary is not published yet, published, or published and containing a row
+// boundary (so it is the state after the tile, whatever came before).
+enum : uint32_t { kEmpty = 0, kAggregate = 1, kRowBoundary = 2 };
 
-// Workspace: [ticket counter][flags: one per tile][records: aggregate, inclusive per tile]. The
-// counter and the flags must be zero before each launch (reset()); records need no reset.
+// Workspace: [ticket counter][flags: one per tile][records: one summary per tile]. The counter
+// and the flags must be zero before each launch (reset()); records need no reset.
 struct Workspace {
   uint32_t* counter;
   uint32_t* flags;
@@ -53,7 +55,7 @@ __host__ __device__ inline int64_t records_offset(int64_t tiles) {
 }
 
 __host__ __device__ inline int64_t workspace_bytes(int64_t tiles, int64_t map_bytes) {
-  return records_offset(tiles) + 2 * tiles * map_bytes;
+  return records_offset(tiles) + tiles * map_bytes;
 }
 
 __host__ __device__ inline Workspace workspace_at(void* base, int64_t tiles) {
@@ -134,23 +136,13 @@ struct TileScan {
     if (warp == 0) {
       Map aggregate = Op::identity();
       for (int u = 0; u < kWarps; ++u) aggregate = Op::then(aggregate, s.warp_total[u]);
-      Map* records = static_cast<Map*>(ws.records);
-      const bool cut = Op::is_cut(aggregate);
-      // A tile with a row boundary publishes its inclusive state at once: its successors never
-      // look past it.
       if (lane == 0) {
-        aggregate.store_cg(&records[2 * ticket + (cut ? 1 : 0)]);
-        store_release(&ws.flags[ticket], cut ? kInclusive : kAggregate);
+        aggregate.store_cg(&static_cast<Map*>(ws.records)[ticket]);
+        store_release(&ws.flags[ticket], Op::is_cut(aggregate) ? kRowBoundary : kAggregate);
       }
       Map tile_in = Op::identity();
       if (needs_in && ticket > 0) tile_in = look_back(ticket, ws);
-      if (lane == 0) {
-        if (!cut) {
-          Op::then(tile_in, aggregate).store_cg(&records[2 * ticket + 1]);
-          store_release(&ws.flags[ticket], kInclusive);
-        }
-        s.tile_in = tile_in;
-      }
+      if (lane == 0) s.tile_in = tile_in;
     }
     __syncthreads();
     // (composed after the look-back, so that it holds no registers across it)
@@ -159,32 +151,35 @@ struct TileScan {
     return Op::then(in, exclusive);
   }
 
-  // Warp 0: the state entering tile `ticket` (cut), composed from the aggregates of its
-  // predecessors back to the nearest inclusive one, 32 predecessors per round. Predecessors hold
-  // smaller tickets, so their blocks are running or done and publish their aggregate without
-  // waiting on anything: the spin ends.
+  // Warp 0: the state entering tile `ticket` (cut): the aggregates of its predecessors composed
+  // back to the nearest one with a row boundary, 32 predecessors per round (lane 0 the nearest).
+  // Predecessors hold smaller tickets, so their blocks are running or done and publish their
+  // aggregate without waiting on anything: the spin ends. Only row boundaries end the look-back
+  // (no tile publishes a composed inclusive value), so every tile composes the same summaries
+  // in the same order on every run: the results are bitwise reproducible, at the price of
+  // ceil(tiles before it in its row / 32) rounds, one round for rows of up to 32 tiles.
   __device__ static Map look_back(int64_t ticket, const Workspace& ws) {
     const int lane = threadIdx.x & 31;
     const Map* records = static_cast<const Map*>(ws.records);
     Map after = Op::identity();  // the predecessors between the current window and the tile
     for (int64_t nearest = ticket - 1;; nearest -= 32) {
-      const int64_t p = nearest - lane;  // lane 0: the nearest predecessor
-      uint32_t flag = kInclusive;
+      const int64_t p = nearest - lane;
+      uint32_t flag = kRowBoundary;
       Map x = Op::identity();
+      // (p < 0, before the first tile, is never reached: the first tile in scan order starts
+      // with a row boundary; it would count as an empty boundary.)
       if (p >= 0) {
         flag = load_acquire(&ws.flags[p]);
         while (flag == kEmpty) {
           __nanosleep(64);
           flag = load_acquire(&ws.flags[p]);
         }
-        x = Map::load_cg(&records[2 * p + (flag == kInclusive ? 1 : 0)]);
+        x = Map::load_cg(&records[p]);
       }
-      // Past the first scan position (p < 0) counts as inclusive: the identity, never reached
-      // when the first tile in scan order starts with a row boundary, as all the callers' do.
-      const unsigned inclusive_lanes = __ballot_sync(kFullWarp, flag == kInclusive);
-      const int first = inclusive_lanes ? __ffs(inclusive_lanes) - 1 : 32;
+      const unsigned boundaries = __ballot_sync(kFullWarp, flag == kRowBoundary);
+      const int first = boundaries ? __ffs(boundaries) - 1 : 32;
       if (lane > first) x = Op::identity();
-      // Compose the window in scan order: higher lanes are earlier.
+      // Compose the window in scan order (higher lanes are earlier) by a fixed tree.
 #pragma unroll
       for (int offset = 1; offset < 32; offset <<= 1) {
         const Map other = Map::shuffle(x, (lane + offset) & 31);
