@@ -11,7 +11,11 @@ segment of each position, ``-1`` where a position belongs to none) and ``counts 
 the number of segments of each row). ``entropy_segments`` produces it; the other two consume it.
 The kernels validate it while they use it, whatever its origin: ``0 <= counts[b] <= T``, and
 every id is ``-1`` or in ``[0, counts[b])``; a violation is a ``ValueError`` naming the row,
-position and value, never an out-of-bounds access. Ids need not be non-decreasing along a row
+position and value, never an out-of-bounds access. On CUDA that check would cost a host
+synchronization per call, so it runs only with ``RLENGINE_CHECK_INPUTS=1`` (here, in the
+wrappers, with the CPU kernel's messages); otherwise the CUDA kernels clamp ``counts[b]`` into
+``[0, T]`` (``[0, min(T, Kmax)]`` for ``segment_rewards_to_dense``) and treat any other id as
+``-1``, and still never read or write out of bounds. Ids need not be non-decreasing along a row
 (segments are labels; a segment's tokens need not be adjacent and its *last* token is its
 highest position), and a segment may have no tokens at all (it then contributes nothing).
 """
@@ -42,6 +46,35 @@ def _segments(op: str, segment_ids: object, counts: object, batch: int | None = 
     rows = segment_ids.shape[0] if batch is None else batch
     _checks.shape(op, "counts", counts, (rows,), "one count per row")
     return segment_ids.long(), counts.long()
+
+
+def _check_segment_data(op: str, segment_ids: torch.Tensor, counts: torch.Tensor,
+                        max_segments: int | None = None) -> None:
+    """The CPU kernel's validation of a segmentation, for the other devices (whose kernels do
+    not validate: see the module docstring), with its messages; with RLENGINE_CHECK_INPUTS=1."""
+    if segment_ids.device.type == "cpu" or not _checks.data_checks_enabled(segment_ids):
+        return
+    steps = segment_ids.shape[1]
+    too_many = counts > steps
+    if max_segments is not None:
+        too_many = too_many | (counts > max_segments)
+    where = _checks.first_bad_index((counts < 0) | too_many)
+    if where is not None:
+        (b,) = where
+        k = int(counts[b])
+        if 0 <= k <= steps:
+            _checks._fail(op, f"counts[{b}] = {k} exceeds segment_rewards.shape[1] = "
+                              f"{max_segments} (one reward column per segment)")
+        _checks._fail(op, f"counts[{b}] = {k} is out of range: a row of T = {steps} positions "
+                          f"has between 0 and {steps} segments")
+    bad = (segment_ids < -1) | (segment_ids >= counts.unsqueeze(1))
+    where = _checks.first_bad_index(bad)
+    if where is not None:
+        b, t = where
+        k = int(counts[b])
+        _checks._fail(op, f"segment_ids[{b}, {t}] = {int(segment_ids[b, t])} is out of range: a "
+                          f"segment id must be -1 (no segment) or lie in [0, counts[{b}]) = "
+                          f"[0, {k})")
 
 
 # ---- entropy_segments -------------------------------------------------------------------------
@@ -151,6 +184,7 @@ def segment_reduce(values: torch.Tensor, segment_ids: torch.Tensor, counts: torc
     _checks.shape(op, "segment_ids", segment_ids, values.shape, "values.shape")
     _checks.same_device(op, values=values, segment_ids=segment_ids, counts=counts)
     reduce = _checks.choice(op, "reduce", reduce, REDUCES)
+    _check_segment_data(op, segment_ids, counts)
     return torch.ops.rlengine.segment_reduce.default(values, segment_ids, counts, reduce)
 
 
@@ -244,6 +278,7 @@ def segment_rewards_to_dense(segment_rewards: torch.Tensor, segment_ids: torch.T
     normalizer = _normalizer(op, normalizer)
     spread = _checks.choice(op, "spread", spread, SPREADS)
     clamp = _clamp(op, clamp)
+    _check_segment_data(op, segment_ids, counts, segment_rewards.shape[1])
     return torch.ops.rlengine.segment_rewards_to_dense.default(
         segment_rewards, segment_ids, counts, mask, normalizer, spread, clamp)
 
