@@ -13,6 +13,9 @@ Steps (all on 2 CPU cores, one thread):
    share of pairs with mu < 0; accuracy of a model trained on the lowest-mu decile alone.
 4. Denoising: plain BT against soft label (on mu < 0) + adaptive margin mu, with and without
    flipping the lowest-mu decile, over several seeds.
+5. Token level: a reward model scoring the mean of per-token values (clean labels) against the
+   EOS readout; ROC AUC of its per-token values for separating correct answer words from
+   injected errors (is the token-local part of the gold reward localised?).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ import torch
 
 from rlengine.data.types import PreferencePair
 from rlengine.synthetic.task import SyntheticTask, pair_accuracy
-from rlengine.synthetic.training import score_pairs, train_probe_reward_model
+from rlengine.synthetic.training import (
+    batch_scored,
+    encode_scored,
+    score_pairs,
+    train_probe_reward_model,
+)
 
 
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -123,7 +131,40 @@ def calibrate(task: SyntheticTask | None = None, *, n_pairs: int = 1000,
         scores = [accuracy(train(pairs, 200 + s, **options).model) for s in range(seeds)]
         note(f"denoise_{name}", sum(scores) / seeds,
              f"{name}, mean of {seeds} seeds ({', '.join(f'{x:.3f}' for x in scores)})")
+
+    for readout in ("last", "token_mean"):
+        scores = []
+        for s in range(seeds):
+            result = train(clean, 300 + s, readout=readout)
+            scores.append(accuracy(result.model))
+        note(f"readout_{readout}", sum(scores) / seeds,
+             f"RM readout {readout}, clean labels, mean of {seeds} seeds")
+    note("token_error_auc", localisation_auc(task, result.model),
+         "ROC AUC of token values: correct answer words above injected errors")
     return results
+
+
+@torch.no_grad()
+def localisation_auc(task: SyntheticTask, model, n: int = 500, error_rate: float = 0.3) -> float:
+    """How well a token-level reward model's per-token values separate the correct words of
+    noisy-expert answers from the wrong ones (fillers and wrong symbols), as ROC AUC."""
+    rng = task._rng("localisation", 0)
+    rows, labels = [], []
+    for prompt in task.prompts(n, seed=2000):
+        response, errors = task.expert_response(prompt, error_rate, rng)
+        rows.append(encode_scored(task.tokenizer, prompt, response))
+        wrong = {position for position, kind in errors if kind in ("filler", "symbol")}
+        target = task.target(prompt).split()
+        labels.append([position not in wrong and position < len(target)
+                       for position in range(len(response.split()))])
+    model.eval()
+    ids, mask, response_mask = batch_scored(rows, task.tokenizer.pad_token_id)
+    values = model.token_values(ids, mask)
+    scores, correct = [], []
+    for row, (_, start), row_labels in zip(values, rows, labels):
+        scores.append(row[start:start + len(row_labels)])
+        correct += row_labels
+    return roc_auc(torch.cat(scores), torch.tensor(correct, dtype=torch.bool))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,8 +43,8 @@ from rlengine.synthetic.vocabulary import (
 @dataclass(frozen=True)
 class TaskConfig:
     """Everything that defines the synthetic task. The defaults are tuned so that a tiny reward
-    model learns the task well but not perfectly in seconds on 2 CPU cores (see the tests and
-    the report numbers in rlengine/synthetic/__init__.py)."""
+    model learns it well but not perfectly in seconds on 2 CPU cores, and 20% flipped labels
+    hurt it enough for denoising to show (numbers: rlengine/synthetic/calibrate.py)."""
 
     # The language.
     ops: tuple[str, ...] = ALL_OPS
@@ -65,10 +65,13 @@ class TaskConfig:
     # filler with probability filler_share, else another symbol drawn from the prompt's own
     # symbols with probability in_prompt_share (the hard case: a reward model must compare
     # positions to see it) or from all symbols otherwise. With probability
-    # error_rate * length_error_share the response also stops early or rambles on.
+    # error_rate * length_error_share the response also stops early (with probability
+    # stop_share) or rambles on. An early stop is visible only at EOS: a reward model that
+    # reads content tokens only (segment / token level) cannot see it.
     filler_share: float = 0.35
     in_prompt_share: float = 0.35
     length_error_share: float = 0.5
+    stop_share: float = 0.5
     # Comparisons: each of the two responses of a pair gets its own error rate drawn uniformly
     # from this range, so pairs range from easy (one clean, one bad) to hard (both alike).
     pair_error_rates: tuple[float, float] = (0.0, 0.5)
@@ -91,7 +94,7 @@ class TaskConfig:
             raise ValueError("need correct_reward > wrong_symbol_reward >= forbidden_reward")
         if not (self.extra_reward < 0 and self.length_bonus > 0 and self.unterminated_penalty >= 0):
             raise ValueError("need extra_reward < 0, length_bonus > 0, unterminated_penalty >= 0")
-        for name in ("filler_share", "in_prompt_share", "length_error_share"):
+        for name in ("filler_share", "in_prompt_share", "length_error_share", "stop_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         low, high = self.pair_error_rates
@@ -279,7 +282,7 @@ class SyntheticTask:
                 words[position] = rng.choice(pool)
                 errors.append((position, "symbol"))
         if rng.random() < error_rate * c.length_error_share:
-            if rng.random() < 0.5:
+            if rng.random() < c.stop_share:
                 stop = rng.randrange(len(words))
                 words = words[:stop]
                 errors = [e for e in errors if e[0] < stop] + [(stop, "stop")]
@@ -330,7 +333,12 @@ class SyntheticTask:
         gold preference."""
         rng = self._rng("pairs", seed)
         prompts, first, second = [], [], []
+        attempts = 0
         while len(prompts) < n:
+            attempts += 1
+            if attempts > 100 * n + 1000:
+                raise ValueError(f"error rates {error_rates or self.config.pair_error_rates} "
+                                 "almost never give two responses of different gold reward")
             prompt = self.make_prompt(*self._draw_prompt(rng))
             a, _ = self.expert_response(prompt, self._error_rate(rng, error_rates), rng)
             b, _ = self.expert_response(prompt, self._error_rate(rng, error_rates), rng)
@@ -461,9 +469,9 @@ class SyntheticTask:
         """A policy SFT-trained on noisy-expert demonstrations: the usual starting point of
         reward modeling, PPO and RRHF. A pure function of its arguments; computed once per task
         object and argument set (about 10 s on 2 cores at the defaults), a fresh copy returned
-        on every call. At the defaults it is imperfect (greedy answers are exactly right for
-        roughly 3 in 10 copy/reverse prompts and 7 in 10 sort prompts), which leaves PPO and
-        RRHF room to improve."""
+        on every call. At the defaults it is imperfect, which leaves PPO and RRHF room to
+        improve: measured for task seeds 0 and 1, greedy answers are exactly right for 40% and
+        73% of prompts, with a mean gold reward of 4.2 and 5.8 out of 6.5."""
         key = (seed, n_demonstrations, error_rate, steps, lr, batch_size)
         if key not in self._sft_cache:
             policy = self.make_policy(seed)

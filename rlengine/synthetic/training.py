@@ -159,13 +159,22 @@ def sft(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, demonstratio
     return losses
 
 
+READOUTS = ("last", "token_mean", "token_sum")
+
+
 class ProbeRewardModel(torch.nn.Module):
     """The plain reward model of METHODS.md section 1, for calibration: a backbone and a
-    bias-free linear head read at the last real token (EOS)."""
+    bias-free linear head. ``readout="last"`` reads the head at the last real token (EOS: the
+    bandit reward model); ``"token_mean"`` averages the head's value over the response tokens
+    except EOS (the token-level reward model of section 3, segments of one token), whose
+    per-token values ``token_values`` can then localise errors."""
 
-    def __init__(self, backbone: PreTrainedModel, seed: int = 0):
+    def __init__(self, backbone: PreTrainedModel, seed: int = 0, readout: str = "last"):
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         self.backbone = backbone
+        self.readout = readout
         self.head = torch.nn.Linear(backbone.config.hidden_size, 1, bias=False)
         # Seeded, so that reward models sharing one backbone (e.g. the SFT policy's) still
         # differ by seed, as the voters of preference strength must.
@@ -174,10 +183,21 @@ class ProbeRewardModel(torch.nn.Module):
             self.head.weight.copy_(torch.randn(self.head.weight.shape,
                                                generator=torch.Generator().manual_seed(seed)) * std)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def token_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head at every position, [B, T]."""
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(-1) - 1
-        return self.head(hidden[torch.arange(len(ids)), last]).squeeze(-1)
+        return self.head(hidden).squeeze(-1)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        values = self.token_values(ids, mask)
+        if self.readout == "last":
+            return values[torch.arange(len(ids)), mask.sum(-1) - 1]
+        if response_mask is None:
+            raise ValueError(f"readout {self.readout!r} needs response_mask")
+        weights = response_mask.to(values.dtype)
+        total = (values * weights).sum(-1)
+        return total if self.readout == "token_sum" else total / weights.sum(-1).clamp_min(1.0)
 
 
 @dataclass
@@ -189,9 +209,26 @@ class ProbeResult:
     history: list[tuple[int, float]] = field(default_factory=list)
 
 
+def encode_scored(tokenizer: PreTrainedTokenizerFast, prompt: str, response: str
+                  ) -> tuple[list[int], int]:
+    """(ids of prompt + response + EOS, number of prompt tokens)."""
+    return encode(tokenizer, prompt, response), len(encode(tokenizer, prompt))
+
+
+def batch_scored(rows: Sequence[tuple[list[int], int]], pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, response mask) of right-padded rows; the response mask is true on
+    the response tokens before EOS."""
+    ids, mask = pad_right([r for r, _ in rows], pad_id)
+    positions = torch.arange(ids.shape[1])
+    starts = torch.tensor([start for _, start in rows])
+    response = (positions >= starts[:, None]) & (positions < mask.sum(-1, keepdim=True) - 1)
+    return ids, mask, response
+
+
 def _encode_pairs(tokenizer, pairs: Sequence[PreferencePair]):
-    chosen = [encode(tokenizer, p.prompt, p.chosen) for p in pairs]
-    rejected = [encode(tokenizer, p.prompt, p.rejected) for p in pairs]
+    chosen = [encode_scored(tokenizer, p.prompt, p.chosen) for p in pairs]
+    rejected = [encode_scored(tokenizer, p.prompt, p.rejected) for p in pairs]
     return chosen, rejected
 
 
@@ -207,8 +244,8 @@ def score_pairs(model: ProbeRewardModel, tokenizer: PreTrainedTokenizerFast,
     for rows in (chosen, rejected):
         scores = []
         for start in range(0, len(rows), batch_size):
-            ids, mask = pad_right(rows[start:start + batch_size], tokenizer.pad_token_id)
-            scores.append(model(ids, mask).float())
+            scores.append(model(*batch_scored(rows[start:start + batch_size],
+                                              tokenizer.pad_token_id)).float())
         out.append(torch.cat(scores))
     model.train(was_training)
     return out[0], out[1]
@@ -219,11 +256,12 @@ def train_probe_reward_model(backbone: PreTrainedModel, tokenizer: PreTrainedTok
                              batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                              margins: Sequence[float] | None = None,
                              label_smoothing: Sequence[float] | float = 0.0,
-                             evaluate=None, evaluate_every: int = 0) -> ProbeResult:
+                             readout: str = "last", evaluate=None,
+                             evaluate_every: int = 0) -> ProbeResult:
     """Train a ProbeRewardModel on ``pairs`` with the BT loss (rlengine.ops.bt_loss; optional
     per-pair margins and label smoothing for quick denoising experiments). ``evaluate(model)``
     is called every ``evaluate_every`` steps and at the end, its values kept in ``history``."""
-    model = ProbeRewardModel(backbone, seed)
+    model = ProbeRewardModel(backbone, seed, readout)
     chosen, rejected = _encode_pairs(tokenizer, pairs)
     margin_all = None if margins is None else torch.as_tensor(margins, dtype=torch.float32)
     smoothing_all = torch.as_tensor(label_smoothing, dtype=torch.float32)
@@ -237,9 +275,8 @@ def train_probe_reward_model(backbone: PreTrainedModel, tokenizer: PreTrainedTok
     for step, batch in enumerate(_batches(len(pairs), min(batch_size, len(pairs)), steps,
                                           generator), start=1):
         # Chosen and rejected in one forward: one padded batch of 2B rows.
-        ids, mask = pad_right([chosen[i] for i in batch] + [rejected[i] for i in batch],
-                              tokenizer.pad_token_id)
-        rewards = model(ids, mask)
+        rewards = model(*batch_scored([chosen[i] for i in batch] + [rejected[i] for i in batch],
+                                      tokenizer.pad_token_id))
         r_c, r_r = rewards[:len(batch)], rewards[len(batch):]
         loss = ops.bt_loss(r_c, r_r,
                            margin=None if margin_all is None else margin_all[batch],
