@@ -16,6 +16,27 @@ Steps (all on 2 CPU cores, one thread):
 5. Token level: a reward model scoring the mean of per-token values (clean labels) against the
    EOS readout; ROC AUC of its per-token values for separating correct answer words from
    injected errors (is the token-local part of the gold reward localised?).
+
+Measured with the defaults (2000 pairs, 600 steps = ~10 epochs, 5 voters x 150 steps, 2000
+clean validation pairs), task seeds 0 / 1, about 7 minutes each on 2 shared cores:
+
+    SFT (700 steps, ~9 s): greedy gold reward       -2.7 -> 4.2 / -8.2 -> 5.8 (max 6.5)
+    RM, random init, clean labels, 400 steps (8 s)  0.799 / 0.775
+    RM, SFT init, clean labels                      0.860 / 0.820
+    RM, SFT init, 20% flipped labels                0.762 / 0.762
+    ROC AUC of -mu for flipped pairs                0.899 / 0.910
+    share of pairs with mu < 0                      0.262 / 0.290
+    lowest-mu decile: flipped share, RM alone       0.870, 0.207 / 0.845, 0.227
+    plain BT (3 seeds)                              0.736 / 0.749
+    soft label (mu < 0) + margin mu                 0.777 / 0.784
+    flip lowest decile + soft label + margin        0.800 / 0.792
+    clean labels (the ceiling)                      0.840 / 0.804
+    readout at EOS vs mean of token values          0.842 vs 0.832 / 0.818 vs 0.822
+    token values: correct words above errors (AUC)  0.726 / 0.719
+
+With 1000 pairs and 300 steps the flips hurt more (plain BT 0.704 / 0.715 against 0.825 /
+0.799 clean; soft + margin 0.759 / 0.763) but the 5 voters separate the flips less well (ROC
+AUC 0.870 / 0.906).
 """
 
 from __future__ import annotations
@@ -52,9 +73,9 @@ def swap_labels(pairs: Sequence[PreferencePair], which: set[int]) -> list[Prefer
             if i in which else p for i, p in enumerate(pairs)]
 
 
-def calibrate(task: SyntheticTask | None = None, *, n_pairs: int = 1000,
-              flip_fraction: float = 0.2, voters: int = 5, voter_steps: int = 100,
-              steps: int = 300, seeds: int = 3, n_validation: int = 2000, lr: float = 2e-3,
+def calibrate(task: SyntheticTask | None = None, *, n_pairs: int = 2000,
+              flip_fraction: float = 0.2, voters: int = 5, voter_steps: int = 150,
+              steps: int = 600, seeds: int = 3, n_validation: int = 2000, lr: float = 2e-3,
               smoothing: float = 0.2, log: Callable[[str], None] = print) -> dict[str, float]:
     task = task or SyntheticTask()
     results: dict[str, float] = {}
@@ -172,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--voters", type=int, default=5)
-    parser.add_argument("--pairs", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--voter-steps", type=int, default=100)
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--voter-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
