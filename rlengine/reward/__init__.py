@@ -1,0 +1,17 @@
+"""Reward models and their training (METHODS.md sections 1-3)."""
+
+from rlengine.reward.model import (
+    SCORE_MODES,
+    RewardModel,
+    RewardOutput,
+    ScoreMode,
+    export_sequence_classifier,
+)
+
+__all__ = [
+    "SCORE_MODES",
+    "RewardModel",
+    "RewardOutput",
+    "ScoreMode",
+    "export_sequence_classifier",
+]
