@@ -23,9 +23,22 @@ inline at::ScalarType result_dtype(const at::Tensor& t) {
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Every tensor argument of a kernel is on the kernel's device: the CPU for the CPU kernels, the
+// first tensor argument's GPU for the CUDA kernels. The family argument checks that both
+// backends share (csrc/cpu/<family>_checks.h) take that device.
+inline void check_device(const char* op, const char* name, const at::Tensor& t,
+                         const at::Device& device) {
+  if (device.is_cpu()) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "rlengine.", op, ": ", name,
+                      " must be a CPU tensor for the CPU kernel, got ", t.device());
+  } else {
+    TORCH_CHECK_VALUE(t.device() == device, "rlengine.", op, ": ", name, " must be on ", device,
+                      " like the op's first tensor argument, got ", t.device());
+  }
+}
+
 inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "rlengine.", op, ": ", name,
-                    " must be a CPU tensor for the CPU kernel, got ", t.device());
+  check_device(op, name, t, at::Device(at::kCPU));
 }
 
 // A dtype argument (the dtype a backward returns its gradient in) or a tensor's dtype.

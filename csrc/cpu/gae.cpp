@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/gae_checks.h"
 #include "cpu/vec_math.h"
 
 namespace rlengine::cpu {
@@ -186,42 +187,9 @@ class TimeBlocks {
   int64_t count_ = 1;
 };
 
-void check_gamma_lam(const char* op, double gamma, double lam) {
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "rlengine.", op,
-                    ": gamma must be a finite number in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "rlengine.", op,
-                    ": lam must be a finite number in [0, 1], got ", lam);
-}
+using gae_checks::check_gamma_lam;
 
-void check_mask(const char* op, const at::Tensor& mask) {
-  check_cpu(op, "mask", mask);
-  check_bool(op, "mask", mask);
-  check_dim(op, "mask", mask, 2);
-}
-
-// The forward's float inputs: rewards [B, T] (and values), last_values [B], all one dtype.
-void check_forward_inputs(const char* op, const at::Tensor& rewards, const at::Tensor* values,
-                          const at::Tensor& mask, const std::optional<at::Tensor>& last_values) {
-  check_cpu(op, "rewards", rewards);
-  check_floating(op, "rewards", rewards);
-  check_dim(op, "rewards", rewards, 2);
-  check_mask(op, mask);
-  check_shape(op, "mask", mask, rewards.sizes());
-  const auto same_dtype = [&](const char* name, const at::Tensor& t) {
-    check_cpu(op, name, t);
-    TORCH_CHECK_TYPE(t.scalar_type() == rewards.scalar_type(), "rlengine.", op, ": ", name,
-                     " must have the dtype of rewards (", rewards.scalar_type(), "), got ",
-                     t.scalar_type());
-  };
-  if (values != nullptr) {
-    same_dtype("values", *values);
-    check_shape(op, "values", *values, rewards.sizes());
-  }
-  if (last_values) {
-    same_dtype("last_values", *last_values);
-    check_shape(op, "last_values", *last_values, {rewards.size(0)});
-  }
-}
+const at::Device kCpu(at::kCPU);
 
 template <bool kValues, typename scalar_t, typename out_t>
 void forward(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
@@ -391,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
                                            const std::optional<at::Tensor>& last_values,
                                            double gamma, double lam) {
   constexpr const char* op = "gae";
-  check_forward_inputs(op, rewards, &values, mask, last_values);
+  gae_checks::check_forward_inputs(op, rewards, &values, mask, last_values, kCpu);
   check_gamma_lam(op, gamma, lam);
   const auto options = rewards.options().dtype(result_dtype(rewards));
   at::Tensor advantages = at::empty(rewards.sizes(), options);
@@ -406,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_backward_cpu(
     const std::optional<at::Tensor>& grad_returns, const at::Tensor& mask, double gamma,
     double lam) {
   constexpr const char* op = "gae_backward";
-  check_mask(op, mask);
+  gae_checks::check_mask(op, mask, kCpu);
   check_gamma_lam(op, gamma, lam);
   const at::ScalarType dtype = gradient_dtype({&grad_advantages, &grad_returns});
   const at::Tensor ga = incoming_gradient(op, "grad_advantages", grad_advantages, mask, dtype);
@@ -425,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_backward_cpu(
 at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask,
                                   const std::optional<at::Tensor>& last_values, double gamma) {
   constexpr const char* op = "discounted_returns";
-  check_forward_inputs(op, rewards, nullptr, mask, last_values);
+  gae_checks::check_forward_inputs(op, rewards, nullptr, mask, last_values, kCpu);
   check_gamma_lam(op, gamma, 1.0);
   at::Tensor returns = at::empty(rewards.sizes(), rewards.options().dtype(result_dtype(rewards)));
   at::Tensor unused;
@@ -438,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> discounted_returns_backward_cpu(const at::Ten
                                                                    const at::Tensor& mask,
                                                                    double gamma) {
   constexpr const char* op = "discounted_returns_backward";
-  check_mask(op, mask);
+  gae_checks::check_mask(op, mask, kCpu);
   check_gamma_lam(op, gamma, 1.0);
   const std::optional<at::Tensor> grad(grad_returns);
   const at::ScalarType dtype = gradient_dtype({&grad});

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/stats_checks.h"
 #include "cpu/vec_math.h"
 
 // ---- vectorized chunk primitives ------------------------------------------------------------
@@ -311,38 +312,12 @@ Geometry geometry_of(const at::Tensor& x, std::optional<int64_t> dim) {
 
 // ---- argument guards (the Python wrappers raise the user-facing errors first) ---------------
 
-// The reduced dim, wrapped to [0, ndim); nullopt for all of x (dim=None, or any valid dim of a
-// 0-d x, as torch's reductions treat it).
-std::optional<int64_t> wrap_dim(const char* op, const at::Tensor& x, std::optional<int64_t> dim) {
-  if (!dim) return std::nullopt;
-  const int64_t ndim = x.dim();
-  const int64_t limit = std::max<int64_t>(ndim, 1);
-  TORCH_CHECK_VALUE(*dim >= -limit && *dim < limit, "rlengine.", op, ": dim must be in [",
-                    -limit, ", ", limit - 1, "] for a ", ndim, "-D x, got ", *dim);
-  if (ndim == 0) return std::nullopt;
-  return *dim < 0 ? *dim + ndim : *dim;
-}
-
-std::vector<int64_t> reduced_shape(const at::Tensor& x, std::optional<int64_t> dim) {
-  std::vector<int64_t> shape;
-  if (!dim) return shape;
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (d != *dim) shape.push_back(x.size(d));
-  }
-  return shape;
-}
+using stats_checks::check_eps;
+using stats_checks::reduced_shape;
+using stats_checks::wrap_dim;
 
 void check_x_and_mask(const char* op, const at::Tensor& x, const at::Tensor& mask) {
-  check_cpu(op, "x", x);
-  check_cpu(op, "mask", mask);
-  check_floating(op, "x", x);
-  check_bool(op, "mask", mask);
-  check_shape(op, "mask", mask, x.sizes());
-}
-
-void check_eps(const char* op, double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "rlengine.", op,
-                    ": eps must be a finite number >= 0, got ", eps);
+  stats_checks::check_x_and_mask(op, x, mask, at::Device(at::kCPU));
 }
 
 const uint8_t* mask_bytes(const at::Tensor& mask) {

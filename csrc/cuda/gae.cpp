@@ -1,5 +1,5 @@
 // Torch glue of the CUDA kernels of rlengine::gae, rlengine::discounted_returns and their
-// backwards (kernels in gae.cu): the CPU kernels' argument checks (csrc/cpu/gae.cpp), outputs,
+// backwards (kernels in gae.cu): the argument checks shared with the CPU kernels (csrc/cpu/gae_checks.h), outputs,
 // the scan's workspace, the launch on torch's current stream. No host synchronization.
 #include <torch/library.h>
 
@@ -7,47 +7,19 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/gae_checks.h"
 #include "cuda/gae.h"
 #include "cuda/glue.h"
 
 namespace rlengine::cuda {
 namespace {
 
-void check_gamma_lam(const char* op, double gamma, double lam) {
-  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0 && gamma <= 1.0, "rlengine.", op,
-                    ": gamma must be a finite number in [0, 1], got ", gamma);
-  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "rlengine.", op,
-                    ": lam must be a finite number in [0, 1], got ", lam);
-}
+using cpu::gae_checks::check_gamma_lam;
+using cpu::gae_checks::check_mask;
 
-void check_mask(const char* op, const at::Tensor& mask, const at::Device& device) {
-  check_cuda(op, "mask", mask, device);
-  check_bool(op, "mask", mask);
-  check_dim(op, "mask", mask, 2);
-}
-
-// rewards [B, T] (and values), last_values [B], all one floating dtype, on one device.
 void check_forward_inputs(const char* op, const at::Tensor& rewards, const at::Tensor* values,
                           const at::Tensor& mask, const std::optional<at::Tensor>& last_values) {
-  const at::Device device = rewards.device();
-  check_floating(op, "rewards", rewards);
-  check_dim(op, "rewards", rewards, 2);
-  check_mask(op, mask, device);
-  check_shape(op, "mask", mask, rewards.sizes());
-  const auto same_dtype = [&](const char* name, const at::Tensor& t) {
-    check_cuda(op, name, t, device);
-    TORCH_CHECK_TYPE(t.scalar_type() == rewards.scalar_type(), "rlengine.", op, ": ", name,
-                     " must have the dtype of rewards (", rewards.scalar_type(), "), got ",
-                     t.scalar_type());
-  };
-  if (values != nullptr) {
-    same_dtype("values", *values);
-    check_shape(op, "values", *values, rewards.sizes());
-  }
-  if (last_values) {
-    same_dtype("last_values", *last_values);
-    check_shape(op, "last_values", *last_values, {rewards.size(0)});
-  }
+  cpu::gae_checks::check_forward_inputs(op, rewards, values, mask, last_values, rewards.device());
 }
 
 StridedInput strided(const at::Tensor& t) {

@@ -24,8 +24,13 @@ using cpu::result_dtype;
 
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t,
                        const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, "rlengine.", op, ": ", name, " must be on ", device,
-                    " like the op's first tensor argument, got ", t.device());
+  cpu::check_device(op, name, t, device);
+}
+
+// The op's first tensor argument, which fixes the device the others must share (check_cuda).
+inline void check_is_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "rlengine.", op, ": ", name,
+                    " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
 inline DType dtype_of(at::ScalarType t) {

@@ -14,11 +14,6 @@
 namespace rlengine::cuda {
 namespace {
 
-void check_on_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "rlengine.", op, ": ", name,
-                    " must be a CUDA tensor for the CUDA kernel, got ", t.device());
-}
-
 void check_length_penalty(double length_penalty) {
   TORCH_CHECK_VALUE(std::isfinite(length_penalty) && length_penalty >= 0.0,
                     "rlengine.sequence_scores: length_penalty must be a finite number >= 0, got ",
@@ -43,7 +38,7 @@ const uint8_t* mask_bytes(const at::Tensor& mask) {
 at::Tensor sequence_scores_cuda(const at::Tensor& token_logprobs, const at::Tensor& mask,
                                 double length_penalty) {
   constexpr const char* op = "sequence_scores";
-  check_on_cuda(op, "token_logprobs", token_logprobs);
+  check_is_cuda(op, "token_logprobs", token_logprobs);
   check_cuda(op, "mask", mask, token_logprobs.device());
   check_floating(op, "token_logprobs", token_logprobs);
   check_bool(op, "mask", mask);
@@ -81,7 +76,7 @@ at::Tensor sequence_scores_cuda(const at::Tensor& token_logprobs, const at::Tens
 at::Tensor sequence_scores_backward_cuda(const at::Tensor& grad_scores, const at::Tensor& mask,
                                          double length_penalty, at::ScalarType dtype) {
   constexpr const char* op = "sequence_scores_backward";
-  check_on_cuda(op, "mask", mask);
+  check_is_cuda(op, "mask", mask);
   check_cuda(op, "grad_scores", grad_scores, mask.device());
   check_bool(op, "mask", mask);
   TORCH_CHECK_VALUE(mask.dim() >= 1, "rlengine.sequence_scores_backward: mask must have a token ",
@@ -118,7 +113,7 @@ at::Tensor sequence_scores_backward_cuda(const at::Tensor& grad_scores, const at
 
 void check_rank_inputs(const char* op, const at::Tensor& scores, const at::Tensor& rewards,
                        const std::optional<at::Tensor>& valid) {
-  check_on_cuda(op, "scores", scores);
+  check_is_cuda(op, "scores", scores);
   check_cuda(op, "rewards", rewards, scores.device());
   check_floating(op, "scores", scores);
   check_floating(op, "rewards", rewards);
@@ -209,7 +204,7 @@ BtOperand bt_operand(const std::optional<at::Tensor>& t, double value,
 void check_bt_inputs(const char* op, const at::Tensor& chosen, const at::Tensor& rejected,
                      const std::optional<at::Tensor>& margin,
                      const std::optional<at::Tensor>& label_smoothing) {
-  check_on_cuda(op, "chosen", chosen);
+  check_is_cuda(op, "chosen", chosen);
   check_cuda(op, "rejected", rejected, chosen.device());
   check_floating(op, "chosen", chosen);
   TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(), "rlengine.", op,

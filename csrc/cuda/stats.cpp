@@ -1,5 +1,5 @@
-// Torch-facing glue of the masked statistics' CUDA kernels (csrc/cuda/stats.cu): the CPU
-// kernels' argument checks (csrc/cpu/stats.cpp, same messages), device checks, output and
+// Torch-facing glue of the masked statistics' CUDA kernels (csrc/cuda/stats.cu): the argument
+// checks shared with the CPU kernels (csrc/cpu/stats_checks.h, same messages), device checks, output and
 // workspace allocation and the launch on torch's current stream.
 //
 // Layout: x and mask are made contiguous, as the CPU kernels do (a no-op for the usual
@@ -12,49 +12,20 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/stats_checks.h"
 #include "cuda/glue.h"
 #include "cuda/stats.h"
 
 namespace rlengine::cuda {
 namespace {
 
-void check_on_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "rlengine.", op, ": ", name,
-                    " must be a CUDA tensor for the CUDA kernel, got ", t.device());
-}
-
-// The reduced dim, wrapped to [0, ndim); nullopt for all of x (dim=None, or any valid dim of a
-// 0-d x, as torch's reductions treat it).
-std::optional<int64_t> wrap_dim(const char* op, const at::Tensor& x, std::optional<int64_t> dim) {
-  if (!dim) return std::nullopt;
-  const int64_t ndim = x.dim();
-  const int64_t limit = std::max<int64_t>(ndim, 1);
-  TORCH_CHECK_VALUE(*dim >= -limit && *dim < limit, "rlengine.", op, ": dim must be in [",
-                    -limit, ", ", limit - 1, "] for a ", ndim, "-D x, got ", *dim);
-  if (ndim == 0) return std::nullopt;
-  return *dim < 0 ? *dim + ndim : *dim;
-}
-
-std::vector<int64_t> reduced_shape(const at::Tensor& x, std::optional<int64_t> dim) {
-  std::vector<int64_t> shape;
-  if (!dim) return shape;
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (d != *dim) shape.push_back(x.size(d));
-  }
-  return shape;
-}
+using cpu::stats_checks::check_eps;
+using cpu::stats_checks::reduced_shape;
+using cpu::stats_checks::wrap_dim;
 
 void check_x_and_mask(const char* op, const at::Tensor& x, const at::Tensor& mask) {
-  check_on_cuda(op, "x", x);
-  check_cuda(op, "mask", mask, x.device());
-  check_floating(op, "x", x);
-  check_bool(op, "mask", mask);
-  check_shape(op, "mask", mask, x.sizes());
-}
-
-void check_eps(const char* op, double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "rlengine.", op,
-                    ": eps must be a finite number >= 0, got ", eps);
+  check_is_cuda(op, "x", x);
+  cpu::stats_checks::check_x_and_mask(op, x, mask, x.device());
 }
 
 // Arguments for x (or, for masked_mean_backward, the mask) viewed as [outer, len, inner] around
@@ -123,7 +94,7 @@ at::Tensor masked_mean_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
 at::Tensor masked_mean_backward_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                      std::optional<int64_t> dim_in, at::ScalarType dtype) {
   constexpr const char* op = "masked_mean_backward";
-  check_on_cuda(op, "grad", grad_in);
+  check_is_cuda(op, "grad", grad_in);
   check_cuda(op, "mask", mask_in, grad_in.device());
   check_bool(op, "mask", mask_in);
   check_floating(op, "grad", grad_in);
