@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/ranking_checks.h"
 #include "cpu/vec_math.h"
 
 namespace rlengine::cpu {
@@ -140,11 +141,7 @@ at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t row_length) {
   return r;
 }
 
-void check_length_penalty(double length_penalty) {
-  TORCH_CHECK_VALUE(std::isfinite(length_penalty) && length_penalty >= 0.0,
-                    "rlengine.sequence_scores: length_penalty must be a finite number >= 0, got ",
-                    length_penalty);
-}
+using ranking_checks::check_length_penalty;
 
 struct RowSum {
   double sum;  // fp32 chunk sums combined in double (which costs nothing)
@@ -283,17 +280,7 @@ at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at:
 
 void check_rank_inputs(const char* op, const at::Tensor& scores, const at::Tensor& rewards,
                        const std::optional<at::Tensor>& valid) {
-  check_cpu(op, "scores", scores);
-  check_cpu(op, "rewards", rewards);
-  check_floating(op, "scores", scores);
-  check_floating(op, "rewards", rewards);
-  check_dim(op, "scores", scores, 2);
-  check_shape(op, "rewards", rewards, scores.sizes());
-  if (valid) {
-    check_cpu(op, "valid", *valid);
-    check_bool(op, "valid", *valid);
-    check_shape(op, "valid", *valid, scores.sizes());
-  }
+  ranking_checks::check_rank_inputs(op, scores, rewards, valid, at::Device(at::kCPU));
 }
 
 // One query's candidates, loaded as double: an invalid candidate's reward becomes NaN, so that
@@ -497,23 +484,8 @@ void bt_grad_chunk(const acc_t* c, const acc_t* r, const acc_t* m, const acc_t* 
 void check_bt_inputs(const char* op, const at::Tensor& chosen, const at::Tensor& rejected,
                      const std::optional<at::Tensor>& margin,
                      const std::optional<at::Tensor>& label_smoothing) {
-  check_cpu(op, "chosen", chosen);
-  check_cpu(op, "rejected", rejected);
-  check_floating(op, "chosen", chosen);
-  TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(), "rlengine.", op,
-                   ": rejected must have the dtype of chosen (", chosen.scalar_type(), "), got ",
-                   rejected.scalar_type());
-  check_shape(op, "rejected", rejected, chosen.sizes());
-  const auto check_optional = [&](const char* name, const std::optional<at::Tensor>& t) {
-    if (!t) return;
-    check_cpu(op, name, *t);
-    check_floating(op, name, *t);
-    TORCH_CHECK_VALUE(t->dim() == 0 || t->sizes() == chosen.sizes(), "rlengine.", op, ": ", name,
-                      " must be 0-d or have the shape of chosen ", chosen.sizes(), ", got ",
-                      t->sizes());
-  };
-  check_optional("margin", margin);
-  check_optional("label_smoothing", label_smoothing);
+  ranking_checks::check_bt_inputs(op, chosen, rejected, margin, label_smoothing,
+                                  at::Device(at::kCPU));
 }
 
 template <typename acc_t>

@@ -1,5 +1,5 @@
-// Torch-facing glue of the ranking CUDA kernels (csrc/cuda/ranking.cu): the CPU kernels'
-// argument checks (csrc/cpu/ranking.cpp, same messages), device checks, output allocation and
+// Torch-facing glue of the ranking CUDA kernels (csrc/cuda/ranking.cu): the argument checks
+// shared with the CPU kernels (csrc/cpu/ranking_checks.h, same messages), device checks, output allocation and
 // the launch on torch's current stream. Inputs are read in place through their strides
 // (reshape copies only a layout it cannot view); nothing here reads tensor data on the host.
 #include <torch/library.h>
@@ -8,17 +8,14 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/ranking_checks.h"
 #include "cuda/glue.h"
 #include "cuda/ranking.h"
 
 namespace rlengine::cuda {
 namespace {
 
-void check_length_penalty(double length_penalty) {
-  TORCH_CHECK_VALUE(std::isfinite(length_penalty) && length_penalty >= 0.0,
-                    "rlengine.sequence_scores: length_penalty must be a finite number >= 0, got ",
-                    length_penalty);
-}
+using cpu::ranking_checks::check_length_penalty;
 
 bool is_floating(const at::Tensor& t) {
   const at::ScalarType d = t.scalar_type();
@@ -114,16 +111,7 @@ at::Tensor sequence_scores_backward_cuda(const at::Tensor& grad_scores, const at
 void check_rank_inputs(const char* op, const at::Tensor& scores, const at::Tensor& rewards,
                        const std::optional<at::Tensor>& valid) {
   check_is_cuda(op, "scores", scores);
-  check_cuda(op, "rewards", rewards, scores.device());
-  check_floating(op, "scores", scores);
-  check_floating(op, "rewards", rewards);
-  check_dim(op, "scores", scores, 2);
-  check_shape(op, "rewards", rewards, scores.sizes());
-  if (valid) {
-    check_cuda(op, "valid", *valid, scores.device());
-    check_bool(op, "valid", *valid);
-    check_shape(op, "valid", *valid, scores.sizes());
-  }
+  cpu::ranking_checks::check_rank_inputs(op, scores, rewards, valid, scores.device());
 }
 
 RrhfRankLossArgs rank_args(const at::Tensor& scores, const at::Tensor& rewards,
@@ -205,22 +193,8 @@ void check_bt_inputs(const char* op, const at::Tensor& chosen, const at::Tensor&
                      const std::optional<at::Tensor>& margin,
                      const std::optional<at::Tensor>& label_smoothing) {
   check_is_cuda(op, "chosen", chosen);
-  check_cuda(op, "rejected", rejected, chosen.device());
-  check_floating(op, "chosen", chosen);
-  TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(), "rlengine.", op,
-                   ": rejected must have the dtype of chosen (", chosen.scalar_type(), "), got ",
-                   rejected.scalar_type());
-  check_shape(op, "rejected", rejected, chosen.sizes());
-  const auto check_optional = [&](const char* name, const std::optional<at::Tensor>& t) {
-    if (!t) return;
-    check_cuda(op, name, *t, chosen.device());
-    check_floating(op, name, *t);
-    TORCH_CHECK_VALUE(t->dim() == 0 || t->sizes() == chosen.sizes(), "rlengine.", op, ": ", name,
-                      " must be 0-d or have the shape of chosen ", chosen.sizes(), ", got ",
-                      t->sizes());
-  };
-  check_optional("margin", margin);
-  check_optional("label_smoothing", label_smoothing);
+  cpu::ranking_checks::check_bt_inputs(op, chosen, rejected, margin, label_smoothing,
+                                       chosen.device());
 }
 
 at::Tensor bt_loss_cuda(const at::Tensor& chosen, const at::Tensor& rejected,
