@@ -1,7 +1,8 @@
 // Torch-facing glue of the ranking CUDA kernels (csrc/cuda/ranking.cu): the argument checks
 // shared with the CPU kernels (csrc/cpu/ranking_checks.h, same messages), device checks, output
-// allocation and the launch on torch's current stream. Inputs are read in place through their strides
-// (reshape copies only a layout it cannot view); nothing here reads tensor data on the host.
+// allocation and the launch on torch's current stream. Inputs are read in place through their
+// strides (reshape copies only a layout it cannot view); nothing here reads tensor data on the
+// host.
 #include <torch/library.h>
 
 #include <cmath>
