@@ -78,7 +78,9 @@ __device__ __forceinline__ C warp_sum(C x) {
 template <typename C>
 __device__ __forceinline__ C warp_max(C x) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmax(x, __shfl_xor_sync(kFullWarp, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = fmax(x, __shfl_xor_sync(kFullWarp, x, offset));
+  }
   return x;
 }
 

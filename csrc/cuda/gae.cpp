@@ -1,6 +1,7 @@
 // Torch glue of the CUDA kernels of rlengine::gae, rlengine::discounted_returns and their
-// backwards (kernels in gae.cu): the argument checks shared with the CPU kernels (csrc/cpu/gae_checks.h), outputs,
-// the scan's workspace, the launch on torch's current stream. No host synchronization.
+// backwards (kernels in gae.cu): the argument checks shared with the CPU kernels
+// (csrc/cpu/gae_checks.h), outputs, the scan's workspace, the launch on torch's current stream.
+// No host synchronization.
 #include <torch/library.h>
 
 #include <cmath>

@@ -1,6 +1,6 @@
 // Torch-facing glue of the masked statistics' CUDA kernels (csrc/cuda/stats.cu): the argument
-// checks shared with the CPU kernels (csrc/cpu/stats_checks.h, same messages), device checks, output and
-// workspace allocation and the launch on torch's current stream.
+// checks shared with the CPU kernels (csrc/cpu/stats_checks.h, same messages), device checks,
+// output and workspace allocation and the launch on torch's current stream.
 //
 // Layout: x and mask are made contiguous, as the CPU kernels do (a no-op for the usual
 // contiguous inputs; a mask broadcast by the Python wrapper, e.g. [B, 1] expanded to [B, T], is
