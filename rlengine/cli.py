@@ -68,12 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "against its eager equivalent and print both timings.")
     _add_kernel_options(kernels)
     kernels.set_defaults(run=_kernels)
+    from rlengine.reward import commands as reward_commands
+
+    reward_commands.add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    from rlengine.configs import ConfigError
+    from rlengine.data.sources import DataFormatError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, DataFormatError) as error:
+        parser.exit(2, f"rlengine {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":
