@@ -367,7 +367,7 @@ PREFERENCE_ERRORS = [
     ({"prompt": "p", "rejected": "r"}, "field 'chosen' is missing; the row has 'prompt', 'rejected'"),
     ({**GOOD, "chosen": None}, "field 'chosen' is null"),
     ({**GOOD, "chosen": 3}, "field 'chosen' must be a string or a list of messages, got int"),
-    ({**GOOD, "rejected": "  \n"}, "field 'rejected' is empty text"),
+    ({"chosen": "c", "rejected": "  \n"}, r"field 'rejected' is empty text \(and there is no prompt"),
     ({**GOOD, "prompt": ""}, "field 'prompt' is empty text"),
     ({**GOOD, "chosen": []}, "field 'chosen' is an empty list of messages"),
     ({**GOOD, "margin": "1.0"}, "field 'margin' must be a number, got str '1.0'"),
@@ -397,6 +397,15 @@ def test_preference_row_errors_name_file_line_and_reason(tmp_path, bad, reason):
     assert isinstance(info.value, ValueError)
 
 
+def test_empty_response_after_a_prompt_is_kept(tmp_path):
+    # an empty answer (a policy that stopped at once) is data, not a malformed row
+    path = _write_jsonl(tmp_path / "empty.jsonl", [{**GOOD, "rejected": ""},
+                                                    {**GOOD, "chosen": " "}])
+    assert [(p.chosen, p.rejected) for p in load_preferences(path)] == [("c", ""), (" ", "r")]
+    ranked = load_ranked([{**RANKED_GOOD, "responses": ["a", ""]}])
+    assert ranked[0].responses == ["a", ""]
+
+
 def _escape(text: str) -> str:
     import re
     return re.escape(text)
@@ -409,7 +418,6 @@ RANKED_ERRORS = [
     ({**RANKED_GOOD, "scores": [1, None]}, "field 'scores', item 2 must be a number, got NoneType"),
     ({**RANKED_GOOD, "responses": "a"}, "field 'responses' must be a list, got str"),
     ({**RANKED_GOOD, "responses": [], "scores": []}, "field 'responses' is an empty list"),
-    ({**RANKED_GOOD, "responses": ["a", ""]}, "field 'responses', item 2 is empty text"),
     ({"responses": ["a", "b"], "scores": [1, 0]}, "missing field 'prompt', and the texts are not HH"),
 ]
 

@@ -18,6 +18,10 @@ keys kept for the chat template). How the prompt is found, in order:
 4. otherwise (plain texts with no prompt) a pair keeps ``prompt=None``: the texts are scored
    whole. Ranked and prompt-only rows need a prompt.
 
+An empty (or blank) response string after a prompt is kept: the answer was nothing, as when
+a policy stops at once (the synthetic task has such responses, and HH transcripts keep them
+too). A prompt, and a text with no prompt before it, must not be empty.
+
 When one field is a conversation and another a plain string, the string is promoted to one
 message: a prompt to a user turn, a response to an assistant turn.
 
@@ -58,12 +62,17 @@ def load_preferences(source: Any, *, split: str | None = None, prompt_field: str
 
     def parse(row: _Row) -> PreferencePair:
         prompt = row.optional_text(prompt_field)
-        chosen = row.text(chosen_field)
-        rejected = row.text(rejected_field)
+        chosen = row.text(chosen_field, response=True)
+        rejected = row.text(rejected_field, response=True)
         margin = row.optional_number(margin_field)
-        prompt, (chosen, rejected) = row.resolve_prompt(
-            prompt, [chosen, rejected], [f"field {chosen_field!r}", f"field {rejected_field!r}"],
-            prompt_required=False)
+        labels = [f"field {chosen_field!r}", f"field {rejected_field!r}"]
+        prompt, (chosen, rejected) = row.resolve_prompt(prompt, [chosen, rejected], labels,
+                                                        prompt_required=False)
+        if prompt is None:
+            # no prompt: each text is the whole sequence, and an empty one has nothing to score
+            for label, text in zip(labels, (chosen, rejected)):
+                if isinstance(text, str) and not text.strip():
+                    raise row.error(f"{label} is empty text (and there is no prompt it answers)")
         return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin,
                               source=row.raw.source, extra=row.extra(known))
 
@@ -80,7 +89,8 @@ def load_ranked(source: Any, *, split: str | None = None, prompt_field: str = "p
 
     def parse(row: _Row) -> RankedExample:
         prompt = row.optional_text(prompt_field)
-        responses = row.list_of(responses_field, row.text_value)
+        responses = row.list_of(responses_field,
+                                lambda label, value: row.text_value(label, value, response=True))
         scores = row.list_of(scores_field, row.number_value)
         if len(responses) != len(scores):
             raise row.error(f"{len(responses)} responses but {len(scores)} scores "
@@ -169,11 +179,11 @@ class _Row:
     def extra(self, known: set[str]) -> dict[str, Any]:
         return {key: value for key, value in self.data.items() if key not in known}
 
-    def text(self, field: str) -> Text:
+    def text(self, field: str, *, response: bool = False) -> Text:
         if self.data.get(field) is None:
             what = "is null" if field in self.data else "is missing"
             raise self.error(f"field {field!r} {what}; {self.fields_present()}")
-        return self.text_value(f"field {field!r}", self.data[field])
+        return self.text_value(f"field {field!r}", self.data[field], response=response)
 
     def optional_text(self, field: str) -> Text | None:
         value = self.data.get(field)
@@ -194,9 +204,11 @@ class _Row:
             raise self.error(f"field {field!r} is an empty list")
         return [parse_item(f"field {field!r}, item {i + 1}", item) for i, item in enumerate(value)]
 
-    def text_value(self, label: str, value: Any) -> Text:
+    def text_value(self, label: str, value: Any, *, response: bool = False) -> Text:
+        """A string or a message list. ``response``: an empty string is allowed (the caller
+        checks that a prompt comes before it)."""
         if isinstance(value, str):
-            if not value.strip():
+            if not value.strip() and not response:
                 raise self.error(f"{label} is empty text")
             return value
         if isinstance(value, list):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rlengine import configs
 from rlengine.reward.config import RewardTrainerConfig
-from rlengine.reward.job import RewardJobConfig, build_job
+from rlengine.reward.job import SYNTHETIC, RewardJobConfig, build_job
 
 
 def add_parsers(commands) -> None:
@@ -68,7 +68,7 @@ def resolve(args: argparse.Namespace) -> tuple[RewardJobConfig, RewardTrainerCon
     trainer = configs.from_mapping(RewardTrainerConfig,
                                    {k: v for k, v in values.items() if k in trainer_fields},
                                    source)
-    if job.train == "synthetic" and "lr" not in values:
+    if SYNTHETIC in (job.train, job.model) and "lr" not in values:
         # the tiny synthetic models want a far larger step than the paper's 7B models
         trainer.lr = 2e-3
     return job, trainer

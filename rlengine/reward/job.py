@@ -7,9 +7,10 @@ clean pairs for validation) or a file/folder that rlengine.data.load_preferences
 json, parquet, a `datasets` save_to_disk folder; TRL formats and HH-RLHF transcripts).
 
 Model: ``synthetic`` (the task's tiny Llama, initialised from its SFT policy as RLHF practice
-does, or at random), ``tiny-llama`` / ``tiny-gpt2`` (a small random-init transformers model
-sized to the tokenizer: for real text without network access), or a local transformers
-checkpoint folder.
+does, or at random; with its own tokenizer, also on a data file in the task's language such
+as `rlengine strength`'s output), ``tiny-llama`` / ``tiny-gpt2`` (a small random-init
+transformers model sized to the tokenizer: for real text without network access), or a local
+transformers checkpoint folder.
 
 Tokenizer for real text: the checkpoint's own when the model is a folder; else a folder given
 as ``tokenizer``; else ``tokenizer: train`` trains a byte-level BPE tokenizer on the training
@@ -18,6 +19,7 @@ texts (rlengine.data.train_text_tokenizer, offline, seconds).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +131,7 @@ def _eval_files(config: RewardJobConfig) -> dict[str, list[PreferencePair]]:
 
 
 def _synthetic_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool, log) -> RewardJob:
-    from rlengine.synthetic import SyntheticTask
-
-    task = SyntheticTask(config.synthetic_task_seed)
+    task = _synthetic_task(config.synthetic_task_seed)
     pairs = task.preference_pairs(config.synthetic_pairs, flip_fraction=config.synthetic_flip,
                                   seed=config.data_seed + 1)
     if config.limit:
@@ -146,12 +146,7 @@ def _synthetic_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool,
                     or (need_meta and config.meta_set == SYNTHETIC))
     policy = task.sft_policy() if needs_policy else None
     if config.model == SYNTHETIC:
-        def make_model(seed: int) -> RewardModel:
-            if config.synthetic_init == "sft":
-                backbone = task.make_reward_backbone(from_policy=policy)
-            else:
-                backbone = task.make_reward_backbone(config.model_seed + seed)
-            return _with_head(backbone, seed)
+        make_model = _synthetic_model_factory(config, task, policy)
         tokenizer = task.tokenizer
     else:
         tokenizer = _tokenizer(config, pairs)
@@ -165,6 +160,25 @@ def _synthetic_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool,
         meta_set = _meta_set(config, task, policy, log)
     return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
                      config.max_length, config.max_prompt_length, task)
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_task(seed: int):
+    """One task object per seed and process: its SFT policy (about 10 s) is cached per object,
+    and `rlengine strength` or a test may build several jobs in one process."""
+    from rlengine.synthetic import SyntheticTask
+
+    return SyntheticTask(seed)
+
+
+def _synthetic_model_factory(config: RewardJobConfig, task, policy):
+    def make_model(seed: int) -> RewardModel:
+        if config.synthetic_init == "sft":
+            backbone = task.make_reward_backbone(from_policy=policy)
+        else:
+            backbone = task.make_reward_backbone(config.model_seed + seed)
+        return _with_head(backbone, seed)
+    return make_model
 
 
 def _with_head(backbone, seed: int) -> RewardModel:
@@ -181,22 +195,42 @@ def _file_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool, log)
     eval_sets = _eval_files(config)
     if heldout:
         eval_sets["heldout"] = heldout
-    tokenizer = _tokenizer(config, pairs)
-    make_model = _model_factory(config, tokenizer)
+    task = policy = None
+    if config.model == SYNTHETIC:
+        # a file in the synthetic task's language (`rlengine strength`'s output, say): the
+        # task's own tokenizer and backbone, as with train=synthetic
+        if config.tokenizer:
+            raise ValueError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                             f"{config.tokenizer!r} cannot be used with it")
+        task = _synthetic_task(config.synthetic_task_seed)
+        needs_policy = (config.synthetic_init == "sft"
+                        or (need_entropy and not config.entropy_model)
+                        or (need_meta and config.meta_set == SYNTHETIC))
+        policy = task.sft_policy() if needs_policy else None
+        tokenizer = task.tokenizer
+        make_model = _synthetic_model_factory(config, task, policy)
+    else:
+        tokenizer = _tokenizer(config, pairs)
+        make_model = _model_factory(config, tokenizer)
     entropy_model = None
     if need_entropy:
-        if not config.entropy_model:
+        if config.entropy_model:
+            entropy_model = _load_causal_lm(config.entropy_model)
+        elif policy is not None:
+            entropy_model = policy
+        else:
             raise ValueError("score_mode=segment on a data file needs entropy_model: a local "
                              "causal-LM folder (the SFT policy) with the same tokenizer")
-        entropy_model = _load_causal_lm(config.entropy_model)
     meta_set = None
-    if need_meta:
+    if need_meta and task is not None and config.meta_set == SYNTHETIC:
+        meta_set = _meta_set(config, task, policy, log)
+    elif need_meta:
         if not config.meta_set or config.meta_set == SYNTHETIC:
             raise ValueError("MetaRM on a data file needs meta_set: a file of {prompt, "
                              "responses} rows (samples of the current policy)")
         meta_set = [(e.prompt, e.responses) for e in load_ranked(config.meta_set)]
     return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
-                     config.max_length, config.max_prompt_length)
+                     config.max_length, config.max_prompt_length, task)
 
 
 def _tokenizer(config: RewardJobConfig, pairs: list[PreferencePair]):
@@ -204,7 +238,7 @@ def _tokenizer(config: RewardJobConfig, pairs: list[PreferencePair]):
         return train_text_tokenizer(example_texts(pairs), vocab_size=config.tokenizer_vocab)
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
-    if config.model in TINY_MODELS or config.model == SYNTHETIC:
+    if config.model in TINY_MODELS:
         raise ValueError(f"model {config.model!r} on a data file needs a tokenizer: 'train' (a "
                          f"byte-level BPE trained on the training texts, offline) or a local "
                          f"tokenizer folder")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,12 +22,14 @@ SIGMA_COLUMN = "strength_sigma"
 @dataclass
 class StrengthResult:
     """``differences[m, i]`` = voter m's r(chosen_i) - r(rejected_i) (float64 [M, n]);
-    ``mu`` and ``sigma`` [n]; ``seeds[m]`` the seed voter m trained with."""
+    ``mu`` and ``sigma`` [n]; ``seeds[m]`` the seed voter m trained with; ``metrics[m]``
+    voter m's final evaluation on the validation sets (RewardTrainResult.metrics)."""
 
     differences: torch.Tensor
     mu: torch.Tensor
     sigma: torch.Tensor
     seeds: list[int]
+    metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
     def columns(self, index: int) -> dict[str, float]:
         """The columns `rlengine strength` writes for pair ``index``."""
@@ -63,14 +65,14 @@ def vote(make_model: Callable[[int], RewardModel], tokenizer, pairs: Sequence[Pr
         raise ValueError("the voters must train on the plain labels: turn off the strength "
                          "options (margin=strength, flip_lowest, drop_lowest, smoothing on "
                          "negative strength) for `strength`")
-    differences, seeds = [], []
+    differences, seeds, metrics = [], [], []
     for m in range(voters):
         seed = config.seed + m
         output_dir = None if config.output_dir is None else f"{config.output_dir}/voter-{m}"
         voter_config = dataclasses.replace(config, seed=seed, output_dir=output_dir,
                                            save_model=False)
         trainer = RewardTrainer(make_model(m), tokenizer, pairs, voter_config, **trainer_kwargs)
-        trainer.train()
+        metrics.append(trainer.train().metrics)
         chosen, rejected = trainer.score_dataset(trainer.train_data)
         d = (chosen.double() - rejected.double())
         differences.append(d)
@@ -79,4 +81,4 @@ def vote(make_model: Callable[[int], RewardModel], tokenizer, pairs: Sequence[Pr
             on_voter(m, d)
     stacked = torch.stack(differences)
     mu, sigma = preference_strength(stacked)
-    return StrengthResult(stacked, mu, sigma, seeds)
+    return StrengthResult(stacked, mu, sigma, seeds, metrics)
