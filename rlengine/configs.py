@@ -125,8 +125,8 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
 
 
 def _similar(name: str, known: list[str]) -> str:
-    """" (similar: a, b)" for the known names that look like a typo of ``name`` or share its
-    first word, else ""."""
+    """The hint ``" (similar: a, b)"`` naming the known names that look like a typo of
+    ``name`` or share its first word; "" when none does."""
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.7)
     close += [k for k in known if k.split("_")[0] == name.split("_")[0] and k not in close]
     return f" (similar: {', '.join(close[:5])})" if close else ""

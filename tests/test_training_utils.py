@@ -234,6 +234,23 @@ def test_tensorboard_events(tmp_path):
     assert [s.step for s in scalars] == [1, 2, 3]
     assert [s.value for s in scalars] == pytest.approx([1.0, 0.5, 1 / 3])
 
+    # a resumed run replaces the steps after its checkpoint
+    logger = MetricsLogger(tmp_path, tensorboard=True, resume_step=1)
+    logger.log(2, {"train/loss": 7.0})
+    logger.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    scalars = accumulator.Scalars("train/loss")
+    assert [(s.step, s.value) for s in scalars] == [(1, 1.0), (2, 7.0)]
+
+    # a fresh run in the same directory starts TensorBoard over too
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log(1, {"train/loss": 3.0})
+    logger.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    assert [(s.step, s.value) for s in accumulator.Scalars("train/loss")] == [(1, 3.0)]
+
 
 # ---- distributed (one process) ----------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ class MetricsLogger:
             kept = [line for line in self.path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            # A fresh run: the records of an earlier run in this directory go, TensorBoard's
+            # events as well (they would otherwise show as a second curve over the same steps).
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(Path(directory) / "tensorboard", ignore_errors=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
