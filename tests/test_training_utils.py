@@ -234,7 +234,8 @@ def test_tensorboard_events(tmp_path):
     assert [s.step for s in scalars] == [1, 2, 3]
     assert [s.value for s in scalars] == pytest.approx([1.0, 0.5, 1 / 3])
 
-    # a resumed run replaces the steps after its checkpoint
+    # a resumed run replaces the steps after its checkpoint (even with no metrics.jsonl left)
+    (tmp_path / "metrics.jsonl").unlink()
     logger = MetricsLogger(tmp_path, tensorboard=True, resume_step=1)
     logger.log(2, {"train/loss": 7.0})
     logger.close()

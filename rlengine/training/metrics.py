@@ -26,10 +26,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None:
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if (step := _step_of(line)) is not None and step <= resume_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
         else:
             # A fresh run: the records of an earlier run in this directory go, TensorBoard's
             # events as well (they would otherwise show as a second curve over the same steps).
