@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -112,8 +113,7 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            close = [n for n in fields if n.split("_")[0] == name.split("_")[0]][:5]
-            hint = f" (similar: {', '.join(close)})" if close else ""
+            hint = _similar(name, list(fields))
             raise ConfigError(f"{source}: unknown option {key!r}{hint}")
         kwargs[name] = coerce(hints[name], value, f"{source}: {key}")
     try:
@@ -122,6 +122,14 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str) -> T:
         raise
     except ValueError as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def _similar(name: str, known: list[str]) -> str:
+    """The hint ``" (similar: a, b)"`` naming the known names that look like a typo of
+    ``name`` or share its first word; "" when none does."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.7)
+    close += [k for k in known if k.split("_")[0] == name.split("_")[0] and k not in close]
+    return f" (similar: {', '.join(close[:5])})" if close else ""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -162,7 +170,9 @@ def from_sources(cls: type[T], args: argparse.Namespace, *, config_path: str | N
     """The config: ``cls``'s defaults, then the YAML file, then the flags given."""
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
     source = str(config_path) if config_path else "defaults"
-    merged = dict(values)
+    # One spelling for every key, so that a flag replaces the file's value of its option whether
+    # the file wrote it batch-size or batch_size.
+    merged = {str(key).replace("-", "_"): value for key, value in values.items()}
     for key, value in vars(args).items():
         if key.startswith("cfg__"):
             merged[key[len("cfg__"):]] = value

@@ -56,7 +56,8 @@ class RewardTrainerConfig:
     smoothing_on: Literal["all", "negative_strength"] = option(
         "all", "which pairs get label smoothing: all, or only those with mu < 0")
     flip_lowest: float = option(0.0, "swap chosen and rejected for this fraction of pairs with the "
-                                     "lowest mu (the paper's final recipe: 0.1), then use -mu")
+                                     "lowest mu (the paper's final recipe: 0.1), then use -mu "
+                                     "(and minus their margin column)")
     drop_lowest: float = option(0.0, "drop this fraction of pairs with the lowest mu (after "
                                      "flipping)")
     center_rewards: float = option(0.0, "weight of mean((r_chosen + r_rejected)^2), which keeps "
@@ -135,4 +136,5 @@ class RewardTrainerConfig:
                         "margin", "margin_scale", "label_smoothing", "smoothing_on",
                         "flip_lowest", "drop_lowest", "center_rewards", "contrastive",
                         "contrastive_on", "contrastive_beta", "contrastive_tau",
-                        "swav_prototypes", "metarm_eta", "metarm_batch")
+                        "swav_prototypes", "swav_temperature", "swav_epsilon",
+                        "swav_iterations", "strength_key", "metarm_eta", "metarm_batch")

@@ -35,9 +35,10 @@ class PreparedPairs:
         return out
 
 
-def strength_of(pairs: Sequence[PreferencePair], key: str) -> torch.Tensor:
+def strength_of(pairs: Sequence[PreferencePair], key: str, *,
+                needed_by: str = "the strength options") -> torch.Tensor:
     """Each pair's strength mu from ``pair.extra[key]``, float64 [n]; a clear error for the
-    first pair without one."""
+    first pair without one, naming ``needed_by`` (the options that asked for it)."""
     values = []
     for i, pair in enumerate(pairs):
         value = pair.extra.get(key)
@@ -45,8 +46,8 @@ def strength_of(pairs: Sequence[PreferencePair], key: str) -> torch.Tensor:
             where = pair.source or f"pair {i}"
             raise ValueError(
                 f"{where}: no finite preference strength in column {key!r} (got {value!r}); "
-                f"the strength options (margin=strength, flip_lowest, drop_lowest, smoothing on "
-                f"negative strength) need it: compute it with `rlengine strength`")
+                f"{needed_by} need(s) it: compute it with `rlengine strength`, or set "
+                f"strength_key to the column that holds it")
         values.append(float(value))
     return torch.tensor(values, dtype=torch.float64)
 
@@ -66,8 +67,25 @@ def _lowest(strength: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def swapped(pair: PreferencePair) -> PreferencePair:
-    return PreferencePair(pair.prompt, pair.rejected, pair.chosen, pair.margin, pair.source,
+    """The pair with chosen and rejected swapped. Its margin column, a claim about how much
+    better the old chosen was, is negated like its strength."""
+    margin = None if pair.margin is None else -pair.margin
+    return PreferencePair(pair.prompt, pair.rejected, pair.chosen, margin, pair.source,
                           {**pair.extra, "flipped_by_strength": True})
+
+
+def _strength_options(config: RewardTrainerConfig) -> str:
+    """The options that need the strength column, as the user set them."""
+    on = []
+    if config.margin == "strength":
+        on.append("margin=strength")
+    if config.flip_lowest > 0:
+        on.append(f"flip_lowest={config.flip_lowest}")
+    if config.drop_lowest > 0:
+        on.append(f"drop_lowest={config.drop_lowest}")
+    if config.label_smoothing > 0 and config.smoothing_on == "negative_strength":
+        on.append("smoothing_on=negative_strength")
+    return ", ".join(on)
 
 
 def prepare_pairs(pairs: Sequence[PreferencePair], config: RewardTrainerConfig) -> PreparedPairs:
@@ -75,7 +93,8 @@ def prepare_pairs(pairs: Sequence[PreferencePair], config: RewardTrainerConfig) 
     options' help in RewardTrainerConfig)."""
     pairs = list(pairs)
     n = len(pairs)
-    strength = strength_of(pairs, config.strength_key) if config.uses_strength else None
+    strength = (strength_of(pairs, config.strength_key, needed_by=_strength_options(config))
+                if config.uses_strength else None)
     flipped = torch.zeros(n, dtype=torch.bool)
     if strength is not None and config.flip_lowest > 0:
         lowest = _lowest(strength, config.flip_lowest)

@@ -119,7 +119,8 @@ class RewardTrainer:
             raise ValueError("train_pairs is empty")
 
         self.prepared: PreparedPairs = prepare_pairs(train_pairs, config)
-        lengths = {"max_length": max_length, "max_prompt_length": max_prompt_length}
+        self.lengths = lengths = {"max_length": max_length,
+                                  "max_prompt_length": max_prompt_length}
         self.train_data = PreferenceDataset(self.prepared.pairs, tokenizer, **lengths)
         self.eval_data = {name: PreferenceDataset(list(pairs), tokenizer, **lengths)
                           for name, pairs in (eval_sets or {}).items()}
@@ -437,6 +438,10 @@ class RewardTrainer:
         finally:
             progress.close()
             logger.close()
+        if self.eval_data and not metrics:
+            # Resumed from the final checkpoint: nothing left to train, but the caller still
+            # gets the final evaluation (already in the history and metrics.jsonl).
+            metrics = self.evaluate()
         model_dir = None
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
             model_dir = self.model.save_pretrained(Path(cfg.output_dir) / "model", self.tokenizer)
@@ -473,7 +478,8 @@ class RewardTrainer:
         return torch.cat(chosen), torch.cat(rejected)
 
     def score_pairs(self, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.score_dataset(PreferenceDataset(list(pairs), self.tokenizer))
+        """Rewards of any pairs, tokenized and truncated as the training pairs are."""
+        return self.score_dataset(PreferenceDataset(list(pairs), self.tokenizer, **self.lengths))
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Every evaluation set's accuracy (ties count half), plain BT loss, reward mean and std

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        if resume_step is not None:
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if (step := _step_of(line)) is not None and step <= resume_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
+        else:
+            # A fresh run: the records of an earlier run in this directory go, TensorBoard's
+            # events as well (they would otherwise show as a second curve over the same steps).
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(Path(directory) / "tensorboard", ignore_errors=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -56,6 +61,16 @@ class MetricsLogger:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one cut short by a run killed
+    while writing it, which resuming drops."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 def _plain(value: Any) -> Any:
