@@ -140,7 +140,9 @@ class RewardTrainer:
             if entropy_model is None:
                 raise ValueError("score_mode='segment' needs an entropy_model: the frozen causal "
                                  "LM (the SFT policy) whose entropies place segment boundaries")
-            entropy_model.to(self.device).eval().requires_grad_(False)
+            # Used under no_grad only: its requires_grad flags are the caller's (the entropy model
+            # is often the SFT policy, which other models are copied from) and stay untouched.
+            entropy_model.to(self.device)
 
         world, accum = self.dist.world_size, config.grad_accum
         if config.batch_size % (world * accum):
@@ -222,7 +224,12 @@ class RewardTrainer:
     def _entropy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T]: at position t, the entropy model's entropy of the distribution that predicts
         token t + 1 (METHODS.md's alignment; see ops.entropy_segments)."""
-        logits = self.entropy_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        was_training = self.entropy_model.training
+        self.entropy_model.eval()
+        try:
+            logits = self.entropy_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            self.entropy_model.train(was_training)
         _, entropy = self.ops.token_logprobs(logits[:, :-1].float(), input_ids[:, 1:],
                                        with_entropy=True)
         return F.pad(entropy, (0, 1))
