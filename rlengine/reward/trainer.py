@@ -434,6 +434,10 @@ class RewardTrainer:
         finally:
             progress.close()
             logger.close()
+        if self.eval_data and not metrics:
+            # resumed from the final checkpoint (killed before the end): its evaluation is
+            # already logged; recompute the numbers to return, without logging them again
+            metrics = self.evaluate()
         model_dir = None
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
             model_dir = self.model.save_pretrained(Path(cfg.output_dir) / "model", self.tokenizer)

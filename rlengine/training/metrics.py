@@ -27,7 +27,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -56,6 +56,15 @@ class MetricsLogger:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a JSONL record, or None for a blank line or one cut short by a kill."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 def _plain(value: Any) -> Any:
