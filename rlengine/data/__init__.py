@@ -17,6 +17,7 @@ from rlengine.data.loaders import (
     load_preferences,
     load_prompts,
     load_ranked,
+    load_samples,
 )
 from rlengine.data.tokenize import (
     PreferenceDataset,
@@ -45,7 +46,7 @@ __all__ = [
     "RankedDataset", "RankedExample", "SkippedRowsWarning", "Source", "TokenizedPair",
     "TokenizedPrompt", "TokenizedRanked", "TokenizedSequence", "TruncationStats",
     "collate_pairs", "collate_prompts", "collate_ranked", "example_texts", "is_hh_transcript",
-    "load_preferences", "load_prompts", "load_ranked", "load_tokenizer", "pad_token_id",
-    "split_conversations", "split_hh_transcripts", "tokenize_pair", "tokenize_prompt",
-    "tokenize_ranked", "train_text_tokenizer", "write_preferences",
+    "load_preferences", "load_prompts", "load_ranked", "load_samples", "load_tokenizer",
+    "pad_token_id", "split_conversations", "split_hh_transcripts", "tokenize_pair",
+    "tokenize_prompt", "tokenize_ranked", "train_text_tokenizer", "write_preferences",
 ]

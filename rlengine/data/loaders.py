@@ -43,7 +43,7 @@ from rlengine.data.transcripts import is_hh_transcript, split_conversations, spl
 from rlengine.data.types import Message, PreferencePair, PromptExample, RankedExample, Text
 
 __all__ = ["DataFormatError", "SkippedRowsWarning", "load_preferences", "load_prompts",
-           "load_ranked"]
+           "load_ranked", "load_samples"]
 
 Example = TypeVar("Example")
 
@@ -100,6 +100,34 @@ def load_ranked(source: Any, *, split: str | None = None, prompt_field: str = "p
         prompt, responses = row.resolve_prompt(prompt, responses, labels, prompt_required=True,
                                                prompt_field=prompt_field)
         return RankedExample(prompt=prompt, responses=responses, scores=scores,
+                             source=row.raw.source, extra=row.extra(known))
+
+    return _load(source, split, limit, on_error, parse)
+
+
+def load_samples(source: Any, *, split: str | None = None, prompt_field: str = "prompt",
+                 responses_field: str = "responses", min_responses: int = 2,
+                 limit: int | None = None, on_error: str = "raise") -> list[RankedExample]:
+    """Unlabeled samples ``{prompt?, responses}``: several responses to one prompt with no
+    scores, such as MetaRM's meta set (k samples of the current policy per prompt). Prompts are
+    found as in load_ranked; a ``scores`` column, if present, is ignored (kept in ``extra``), so
+    a ranked file loads too. Each row needs at least ``min_responses`` responses. The examples'
+    ``scores`` are all 0.0: placeholders that carry no ranking."""
+    if isinstance(min_responses, bool) or not isinstance(min_responses, int) \
+            or min_responses < 1:
+        raise ValueError(f"min_responses must be an int >= 1, got {min_responses!r}")
+    known = {prompt_field, responses_field}
+
+    def parse(row: _Row) -> RankedExample:
+        prompt = row.optional_text(prompt_field)
+        responses = row.list_of(responses_field, row.text_value)
+        if len(responses) < min_responses:
+            raise row.error(f"field {responses_field!r} has {len(responses)} response(s); at "
+                            f"least {min_responses} are needed")
+        labels = [f"field {responses_field!r}, item {i + 1}" for i in range(len(responses))]
+        prompt, responses = row.resolve_prompt(prompt, responses, labels, prompt_required=True,
+                                               prompt_field=prompt_field)
+        return RankedExample(prompt=prompt, responses=responses, scores=[0.0] * len(responses),
                              source=row.raw.source, extra=row.extra(known))
 
     return _load(source, split, limit, on_error, parse)

@@ -5,7 +5,10 @@ Both run as one process or under torchrun (DDP: gloo on the CPU, NCCL on CUDA)."
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import typing
 from pathlib import Path
 
 from rlengine import configs
@@ -18,9 +21,14 @@ def add_parsers(commands) -> None:
         "train-rm", help="train a reward model (BT with strength, denoising, contrastive, "
                          "MetaRM and segment options)",
         description="Train a reward model. Options come from --config (YAML, option: value), "
-                    "then from the flags below, which override it. Writes checkpoints, "
-                    "metrics.jsonl (and TensorBoard logs) and the final model to --output-dir, "
-                    "and resumes from its newest checkpoint when run again.",
+                    "then from the flags below, which override it (--print-config shows the "
+                    "result). Writes checkpoints, metrics.jsonl (and TensorBoard logs), the "
+                    "final model and final_metrics.json to --output-dir, and resumes from its "
+                    "newest checkpoint when run again. Data parallel: `torchrun "
+                    "--nproc-per-node N -m rlengine.cli train-rm ...` (batch_size is the global "
+                    "batch, so the numbers match one process). Real text without network "
+                    "access: --model tiny-llama --tokenizer train (a byte-level BPE trained on "
+                    "the training texts), or a local checkpoint folder with its tokenizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(train)
     train.set_defaults(run=run_train_rm)
@@ -52,22 +60,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[RewardJobConfig, RewardTrainerConfig]:
-    """(job, trainer) configs: defaults < YAML < flags, split by field name."""
-    values = configs.load_yaml(args.config) if args.config else {}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    values.update({k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")})
-    job_fields = {f for f in RewardJobConfig.__dataclass_fields__}
-    trainer_fields = {f for f in RewardTrainerConfig.__dataclass_fields__}
-    source = args.config or "defaults"
-    unknown = sorted(set(values) - job_fields - trainer_fields)
-    if unknown:
-        raise configs.ConfigError(f"{source}: unknown option(s) {', '.join(unknown)} "
-                                  f"(see --help)")
-    job = configs.from_mapping(RewardJobConfig,
-                               {k: v for k, v in values.items() if k in job_fields}, source)
-    trainer = configs.from_mapping(RewardTrainerConfig,
-                                   {k: v for k, v in values.items() if k in trainer_fields},
-                                   source)
+    """(job, trainer) configs: defaults < YAML < flags, split by field name. A bad key or value
+    is a ConfigError naming it and where it came from (the YAML file or the flag)."""
+    fields = {**{name: RewardJobConfig for name in RewardJobConfig.__dataclass_fields__},
+              **{name: RewardTrainerConfig for name in RewardTrainerConfig.__dataclass_fields__}}
+    hints = {**typing.get_type_hints(RewardJobConfig),
+             **typing.get_type_hints(RewardTrainerConfig)}
+    values: dict[str, object] = {}
+    if args.config:
+        for key, value in configs.load_yaml(args.config).items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help)"
+                raise configs.ConfigError(f"{args.config}: unknown option {key!r}{hint}")
+            values[name] = configs.coerce(hints[name], value, f"{args.config}: {key}")
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg__"):
+            name = dest[len("cfg__"):]
+            flag = f"--{name.replace('_', '-')}"
+            values[name] = configs.coerce(hints[name], value, f"command line: {flag}")
+    sources = " and ".join(filter(None, [args.config, "command line" if any(
+        dest.startswith("cfg__") for dest in vars(args)) else None])) or "defaults"
+    job = configs.from_mapping(RewardJobConfig, {k: v for k, v in values.items()
+                                                 if fields[k] is RewardJobConfig}, sources)
+    trainer = configs.from_mapping(RewardTrainerConfig, {k: v for k, v in values.items()
+                                                         if fields[k] is RewardTrainerConfig},
+                                   sources)
     if SYNTHETIC in (job.train, job.model) and "lr" not in values:
         # the tiny synthetic models want a far larger step than the paper's 7B models
         trainer.lr = 2e-3
@@ -78,17 +97,39 @@ def _print_config(job: RewardJobConfig, trainer: RewardTrainerConfig) -> None:
     print(configs.to_yaml(job) + configs.to_yaml(trainer), end="")
 
 
+def _is_main_process() -> bool:
+    # Under torchrun, before the trainer creates the process group: only rank 0 speaks.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _shut_down_process_group() -> None:
+    """After a successful run: every process waits for the others to finish their work, then
+    leaves the group. (After an error there is no clean shutdown to make: the process exits
+    and torchrun stops the others; a collective call now could wait forever.)"""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_train_rm(args: argparse.Namespace) -> int:
     from rlengine.reward.trainer import RewardTrainer
 
     job_config, config = resolve(args)
     if args.print_config:
-        _print_config(job_config, config)
+        if _is_main_process():
+            _print_config(job_config, config)
         return 0
+    log = print if _is_main_process() else (lambda *_: None)
+    if not (config.progress and _is_main_process()):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its "Writing model shards" bar
     job = build_job(job_config, need_entropy=config.score_mode == "segment",
-                    need_meta=config.metarm_eta > 0)
+                    need_meta=config.metarm_eta > 0, log=log)
     trainer = RewardTrainer(job.make_model(0), job.tokenizer, job.train_pairs, config,
-                            device=job_config.device, **job.trainer_kwargs())
+                            device=job_config.device, log=log, **job.trainer_kwargs())
     result = trainer.train()
     if trainer.dist.is_main:
         for name, values in result.metrics.items():
@@ -98,8 +139,10 @@ def run_train_rm(args: argparse.Namespace) -> int:
         if result.model_dir:
             print(f"model: {result.model_dir}")
         if config.output_dir:
+            # written last: its presence marks a finished run
             (Path(config.output_dir) / "final_metrics.json").write_text(
                 json.dumps({"steps": result.steps, "metrics": result.metrics}, indent=2) + "\n")
+    _shut_down_process_group()
     return 0
 
 

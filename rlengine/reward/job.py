@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from rlengine.configs import option
-from rlengine.data.loaders import load_preferences, load_ranked
+from rlengine.configs import ConfigError, option
+from rlengine.data.loaders import load_preferences, load_samples
 from rlengine.data.tokenizer import example_texts, load_tokenizer, train_text_tokenizer
 from rlengine.data.types import PreferencePair
 from rlengine.reward.model import RewardModel
@@ -61,7 +61,8 @@ class RewardJobConfig:
     entropy_model: str | None = option(None, "score_mode=segment: a local causal-LM folder "
                                              "(default with synthetic: the SFT policy)")
     meta_set: str | None = option(None, "MetaRM: 'synthetic' (samples of the SFT policy) or a "
-                                        "file of {prompt, responses} rows")
+                                        "file of unlabeled {prompt, responses} rows, k >= 2 "
+                                        "samples of the current policy each")
     meta_prompts: int = option(256, "MetaRM with meta_set=synthetic: prompts sampled")
     meta_k: int = option(4, "MetaRM with meta_set=synthetic: samples per prompt")
     synthetic_task_seed: int = option(0, "synthetic: the task's seed")
@@ -119,8 +120,8 @@ def _split_heldout(pairs: list[PreferencePair], config: RewardJobConfig
     random.Random(f"rlengine.heldout/{config.data_seed}").shuffle(order)
     cut = int(round(config.eval_fraction * len(pairs)))
     if cut == 0 or cut == len(pairs):
-        raise ValueError(f"eval_fraction {config.eval_fraction} of {len(pairs)} pairs leaves an "
-                         f"empty training or held-out set")
+        raise ConfigError(f"eval_fraction {config.eval_fraction} of {len(pairs)} pairs leaves an "
+                          f"empty training or held-out set")
     held = sorted(order[:cut])
     kept = sorted(order[cut:])
     return [pairs[i] for i in kept], [pairs[i] for i in held]
@@ -219,16 +220,16 @@ def _file_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool, log)
         elif policy is not None:
             entropy_model = policy
         else:
-            raise ValueError("score_mode=segment on a data file needs entropy_model: a local "
-                             "causal-LM folder (the SFT policy) with the same tokenizer")
+            raise ConfigError("score_mode=segment on a data file needs entropy_model: a local "
+                              "causal-LM folder (the SFT policy) with the same tokenizer")
     meta_set = None
     if need_meta and task is not None and config.meta_set == SYNTHETIC:
         meta_set = _meta_set(config, task, policy, log)
     elif need_meta:
         if not config.meta_set or config.meta_set == SYNTHETIC:
-            raise ValueError("MetaRM on a data file needs meta_set: a file of {prompt, "
-                             "responses} rows (samples of the current policy)")
-        meta_set = [(e.prompt, e.responses) for e in load_ranked(config.meta_set)]
+            raise ConfigError("MetaRM on a data file needs meta_set: a file of {prompt, "
+                              "responses} rows (samples of the current policy)")
+        meta_set = _meta_file(config.meta_set, log)
     return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
                      config.max_length, config.max_prompt_length, task)
 
@@ -239,9 +240,9 @@ def _tokenizer(config: RewardJobConfig, pairs: list[PreferencePair]):
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
     if config.model in TINY_MODELS:
-        raise ValueError(f"model {config.model!r} on a data file needs a tokenizer: 'train' (a "
-                         f"byte-level BPE trained on the training texts, offline) or a local "
-                         f"tokenizer folder")
+        raise ConfigError(f"model {config.model!r} on a data file needs a tokenizer: 'train' (a "
+                          f"byte-level BPE trained on the training texts, offline) or a local "
+                          f"tokenizer folder")
     return load_tokenizer(config.model)
 
 
@@ -261,8 +262,8 @@ def _model_factory(config: RewardJobConfig, tokenizer):
         return make_model
     path = Path(config.model)
     if not path.is_dir():
-        raise ValueError(f"model {config.model!r} is neither 'synthetic', one of {TINY_MODELS} "
-                         f"nor a local checkpoint folder (the hub is not used)")
+        raise ConfigError(f"model {config.model!r} is neither 'synthetic', one of {TINY_MODELS} "
+                          f"nor a local checkpoint folder (the hub is not used)")
 
     def make_pretrained(seed: int) -> RewardModel:
         from transformers import AutoModel
@@ -275,7 +276,7 @@ def _load_causal_lm(path: str):
     from transformers import AutoModelForCausalLM
 
     if not Path(path).is_dir():
-        raise ValueError(f"entropy_model {path!r} is not a local checkpoint folder")
+        raise ConfigError(f"entropy_model {path!r} is not a local checkpoint folder")
     return AutoModelForCausalLM.from_pretrained(path)
 
 
@@ -287,4 +288,13 @@ def _meta_set(config: RewardJobConfig, task, policy, log) -> list:
         log(f"meta set: {len(prompts)} prompts x {config.meta_k} samples of the SFT policy")
         return [(p, texts[i * config.meta_k:(i + 1) * config.meta_k])
                 for i, p in enumerate(prompts)]
-    return [(e.prompt, e.responses) for e in load_ranked(config.meta_set)]
+    return _meta_file(config.meta_set, log)
+
+
+def _meta_file(path: str, log) -> list:
+    """A meta set file: {prompt?, responses} rows, unlabeled (any scores column is ignored)."""
+    examples = load_samples(path, split=None, min_responses=2)
+    if not examples:
+        raise ConfigError(f"meta_set {path}: no rows")
+    log(f"meta set: {len(examples)} prompts from {path}")
+    return [(e.prompt, e.responses) for e in examples]

@@ -439,9 +439,6 @@ class RewardTrainer:
                 if checkpoints is not None and (final or (cfg.save_every
                                                           and self.step % cfg.save_every == 0)):
                     self.save_checkpoint(checkpoints)
-            if self.eval_data and not metrics:
-                # resumed from the final checkpoint: no step ran, so nothing was evaluated
-                metrics = self.evaluate()
         finally:
             progress.close()
             logger.close()
