@@ -52,7 +52,7 @@ BASE = RewardTrainerConfig(lr=2e-3, batch_size=32, steps=600, schedule="constant
 
 def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pairs: int,
              voters: int, voter_steps: int, validation: int, smoothing: float,
-             log: Callable[[str], None]) -> dict[str, float]:
+             log: Callable[[str], None], steps: int = BASE.steps) -> dict[str, float]:
     out: dict[str, float] = {}
     noisy = task.preference_pairs(pairs, flip_fraction=0.2, seed=1 + seed)
     clean_val = task.clean_pairs(validation, seed=100 + seed)
@@ -64,7 +64,7 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
             return RewardModel(task.make_reward_backbone(from_policy=policy))
 
     def train(train_pairs: Sequence[PreferencePair], **options) -> float:
-        config = dataclasses.replace(BASE, seed=seed, **options)
+        config = dataclasses.replace(BASE, seed=seed, **{"steps": steps, **options})
         kwargs = {"entropy_model": policy} if config.score_mode == "segment" else {}
         trainer = RewardTrainer(make_model(), task.tokenizer, train_pairs, config,
                                 eval_sets={"clean": clean_val}, log=lambda *_: None, **kwargs)
@@ -88,7 +88,7 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
         note("lowest_decile_flipped_share", float(flipped[lowest].double().mean()))
         note("strength_seconds", time.perf_counter() - began)
         if "strength" in parts:
-            note("lowest_decile_rm", train([noisy[i] for i in lowest], steps=60))
+            note("lowest_decile_rm", train([noisy[i] for i in lowest], steps=max(1, steps // 10)))
     if "denoise" in parts:
         note("plain_bt", train(noisy))
         note("soft_margin", train(annotated, margin="strength", label_smoothing=smoothing,
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", default="strength,denoise,segment")
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--voters", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=BASE.steps)
     parser.add_argument("--voter-steps", type=int, default=150)
     parser.add_argument("--validation", type=int, default=2000)
     parser.add_argument("--smoothing", type=float, default=0.2)
@@ -136,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         runs.append(run_seed(task, policy, seed, parts=parts, pairs=args.pairs,
                              voters=args.voters, voter_steps=args.voter_steps,
-                             validation=args.validation, smoothing=args.smoothing, log=print))
+                             validation=args.validation, smoothing=args.smoothing, log=print,
+                             steps=args.steps))
     summary = summarize(runs)
     print(f"\n{len(runs)} seeds, {time.perf_counter() - began:.0f} s")
     for key, (mean, std) in summary.items():
