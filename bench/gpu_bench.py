@@ -1,6 +1,6 @@
 """The GPU benchmarks: rlengine against the anchors' implementations, all in one process.
 
-    python bench/gpu_bench.py --out DIR [--only logprobs,fused_linear,gae] [--smoke]
+    python bench/gpu_bench.py --out DIR [--only logprobs,fused_linear,gae,reward_step] [--smoke]
 
 Run by bench/gpu_run.sh on a GPU machine; it writes DIR/<run>.json (every measurement, the
 machine and the versions) and DIR/<run>.md (tables of medians, peak memory and rlengine's speedup
@@ -20,6 +20,9 @@ Baselines (imported where they are packages, so that we time the real thing):
   torch_blocked  a loop-free GAE in torch: within blocks of 128 steps a matrix product with the
                  discount matrix, across blocks a second one (all-valid mask, as its formula needs)
   copy / matmul  a device-to-device copy and an 8192^3 bf16 matrix product: the two ceilings
+  reference      (family reward_step) one RewardTrainer optimizer step with kernels="reference"
+                 (rlengine.ops.reference) against kernels="engine": bench/bench_reward_step.py's
+                 cases, reported with the step's tokens per second
 A baseline that is not installed or fails is recorded with its error and left out of the ratios.
 """
 
@@ -388,6 +391,27 @@ def bench_gae(bench: Bench) -> None:
                           reps=3, warmup=1, budget_s=10.0, **info)
 
 
+# ---- reward-model training step -------------------------------------------------------------
+
+def bench_reward_steps(bench: Bench) -> None:
+    """bench/bench_reward_step.py's cases on this device (--smoke: the synthetic score_mode=last
+    case only); a case that cannot be built (no HH-RLHF file here) is recorded as an error."""
+    from bench_reward_step import CASE_NAMES, build_case
+
+    for name in ["last"] if bench.smoke else CASE_NAMES:
+        try:
+            case = build_case(name, str(bench.device))
+        except Exception as error:  # noqa: BLE001 - recorded in the results
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            bench.results += [Result(f"rm step {name}", impl, error=message)
+                              for impl in ("rlengine", "reference")]
+            print(f"rm step {name}: {message}", flush=True)
+            continue
+        for impl in case.trainers:
+            bench.measure(case.group, impl, case.step(impl), reps=20, warmup=3, budget_s=30.0,
+                          **case.info)
+
+
 # ---- the report ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -485,6 +509,12 @@ def markdown(meta: dict, results: list[Result]) -> str:
                    if ours is not None and r.impl != "rlengine" else "")
         peak = f"{r.peak_extra_mb:.0f}" if r.peak_extra_mb is not None else ""
         lines.append(f"| {r.case} | {r.impl} | {r.median_ms:.3f} | {speedup} | {peak} |")
+    steps = [r for r in results if "tokens" in r.info and r.median_ms is not None]
+    if steps:
+        lines += ["", "## Reward-model training steps", "",
+                  "| case | impl | median ms | tokens | tokens/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.impl} | {r.median_ms:.1f} | {r.info['tokens']} | "
+                  f"{r.info['tokens'] / r.median_ms * 1e3:.0f} |" for r in steps]
     return "\n".join(lines) + "\n"
 
 
@@ -523,8 +553,9 @@ def machine(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for <run>.json and <run>.md")
-    parser.add_argument("--only", default="logprobs,fused_linear,gae",
-                        help="comma-separated families: logprobs, fused_linear, gae")
+    parser.add_argument("--only", default="logprobs,fused_linear,gae,reward_step",
+                        help="comma-separated families: logprobs, fused_linear, gae, "
+                             "reward_step")
     parser.add_argument("--smoke", action="store_true", help="toy shapes, to test the script")
     parser.add_argument("--compile-all-shapes", action="store_true",
                         help="torch.compile baselines at every shape (default: acceptance shapes)")
@@ -534,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.smoke:
         parser.error("no GPU: the full benchmarks need one (use --smoke to test the script)")
     families = [f.strip() for f in args.only.split(",") if f.strip()]
-    unknown = set(families) - {"logprobs", "fused_linear", "gae"}
+    unknown = set(families) - {"logprobs", "fused_linear", "gae", "reward_step"}
     if unknown:
         parser.error(f"unknown families in --only: {', '.join(sorted(unknown))}")
     torch.manual_seed(0)
@@ -548,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_fused_linear(bench, args.compile_all_shapes)
     if "gae" in families:
         bench_gae(bench)
+    if "reward_step" in families:
+        bench_reward_steps(bench)
     slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()).strip("-")
     meta["run"] = args.run_name or f"gpu-{slug}-{meta['date']}" + ("-smoke" if args.smoke else "")
     os.makedirs(args.out, exist_ok=True)

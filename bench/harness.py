@@ -63,3 +63,29 @@ def backward_of(forward: Callable[[], torch.Tensor | tuple], inputs: list[torch.
         return torch.autograd.grad(out, inputs, grads)
 
     return step
+
+
+def peak_rss_growth_mb(fn: Callable[[], object]) -> float | None:
+    """How far the process's resident memory rose above its level before fn while fn ran (its
+    high-water VmHWM, reset through /proc/self/clear_refs, minus VmRSS before), in MiB: unlike
+    peak_allocated_bytes it sees every allocation (the kernels' own buffers, the C library's),
+    but memory that an earlier call freed to the C library and fn reuses is not counted. None
+    where Linux's clear_refs is not available."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    result = fn()
+    del result
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -122,7 +122,34 @@ def render(path: str) -> str:
             speedup = "" if ours is None or impl == "rlengine" else f"{r['median'] / ours:.1f}x"
             peak = f"{r['peak_mb']:.3g}" if "peak_mb" in r else ""
             out.append(f"| {group} | {impl} | {r['median'] * 1e3:.3f} | {speedup} | {peak} |")
+    out += throughput_lines(groups)
     return "\n".join(out) + "\n"
+
+
+def throughput_lines(groups) -> list[str]:
+    """Cases that record the tokens they process (``tokens`` in extra_info, e.g. a training
+    step's attention-mask tokens): tokens per second from the median, and both peak memories."""
+    rows = []
+    for group in sorted(groups):
+        impls = groups[group]
+        ours = impls.get("rlengine", {}).get("median")
+        for impl in sorted(impls, key=lambda i: (i != "rlengine", i)):
+            r = impls[impl]
+            if "tokens" not in r:
+                continue
+            speedup = "" if ours is None or impl == "rlengine" else f"{r['median'] / ours:.2f}x"
+            peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else ""
+            rss = f"{r['rss_peak_extra_mb']:.0f}" if "rss_peak_extra_mb" in r else ""
+            rows.append(f"| {group} | {impl} | {r['median'] * 1e3:.1f} | {r['tokens']} | "
+                        f"{r['tokens'] / r['median']:.0f} | {speedup} | {peak} | {rss} |")
+    if not rows:
+        return []
+    return ["", "## Throughput", "",
+            "Tokens are those of the step's attention masks; peak MB is the torch-allocator "
+            "peak above the start (bench/harness.py), RSS MB the resident-memory high-water "
+            "above the start.", "",
+            "| case | implementation | median ms | tokens | tokens/s | rlengine speedup "
+            "| peak MB | RSS peak MB |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
 if __name__ == "__main__":
