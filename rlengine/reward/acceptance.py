@@ -88,7 +88,8 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
         note("lowest_decile_flipped_share", float(flipped[lowest].double().mean()))
         note("strength_seconds", time.perf_counter() - began)
         if "strength" in parts:
-            note("lowest_decile_rm", train([noisy[i] for i in lowest], steps=max(1, steps // 10)))
+            note("lowest_decile_rm", train([noisy[i] for i in lowest], steps=max(1, steps // 10),
+                                           batch_size=min(BASE.batch_size, len(lowest))))
     if "denoise" in parts:
         note("plain_bt", train(noisy))
         note("soft_margin", train(annotated, margin="strength", label_smoothing=smoothing,
