@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -129,7 +130,7 @@ def _similar(name: str, known: list[str]) -> str:
     ``name`` or share its first word; "" when none does."""
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.7)
     close += [k for k in known if k.split("_")[0] == name.split("_")[0] and k not in close]
-    return f" (similar: {', '.join(close[:5])})" if close else ""
+    return f" (did you mean {', '.join(close[:5])}?)" if close else ""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -166,19 +167,32 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, group: str | No
                             help=f"{text} (default: {shown})".replace("%", "%%"))
 
 
-def from_sources(cls: type[T], args: argparse.Namespace, *, config_path: str | None) -> T:
-    """The config: ``cls``'s defaults, then the YAML file, then the flags given."""
-    values: dict[str, Any] = load_yaml(config_path) if config_path else {}
-    source = str(config_path) if config_path else "defaults"
-    # One spelling for every key, so that a flag replaces the file's value of its option whether
-    # the file wrote it batch-size or batch_size.
-    merged = {str(key).replace("-", "_"): value for key, value in values.items()}
-    for key, value in vars(args).items():
-        if key.startswith("cfg__"):
-            merged[key[len("cfg__"):]] = value
-    given_flags = {k[len("cfg__"):] for k in vars(args) if k.startswith("cfg__")}
-    where = source if not given_flags else f"{source} + command-line flags"
-    return from_mapping(cls, merged, where)
+def from_sources(classes: Sequence[type], args: argparse.Namespace, *,
+                 config_path: str | None) -> tuple[tuple[Any, ...], set[str]]:
+    """One instance of each config class (their field names distinct, their flags added by
+    ``add_arguments``): the defaults, then the YAML file's values, then the flags given. A bad
+    key or value is a ConfigError naming it and where it came from (the file, or
+    ``command line: --flag``). Also returns the names the file or the flags set."""
+    owner = {name: cls for cls in classes for name in cls.__dataclass_fields__}
+    hints = {name: kind for cls in classes for name, kind in _hints(cls).items()}
+    values: dict[str, Any] = {}
+    if config_path:
+        for key, value in load_yaml(config_path).items():
+            # one spelling per key, so that a flag replaces the file's value whether the file
+            # wrote batch-size or batch_size
+            name = str(key).replace("-", "_")
+            if name not in owner:
+                raise ConfigError(f"{config_path}: unknown option {key!r}"
+                                  f"{_similar(name, list(owner))}")
+            values[name] = coerce(hints[name], value, f"{config_path}: {key}")
+    flags = [dest[len("cfg__"):] for dest in vars(args) if dest.startswith("cfg__")]
+    for name in flags:
+        values[name] = coerce(hints[name], getattr(args, f"cfg__{name}"),
+                              f"command line: --{name.replace('_', '-')}")
+    source = " and ".join(filter(None, [config_path, "command line" if flags else None]))
+    built = tuple(from_mapping(cls, {k: v for k, v in values.items() if owner[k] is cls},
+                               source or "defaults") for cls in classes)
+    return built, set(values)
 
 
 def to_yaml(config: Any) -> str:

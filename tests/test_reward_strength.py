@@ -18,15 +18,23 @@ from rlengine import cli
 from rlengine.data import PreferencePair, load_preferences, write_preferences
 from rlengine.reward import RewardTrainerConfig, preference_strength, vote
 from rlengine.reward.job import RewardJobConfig, build_job
-from rlengine.reward.strength_report import decile_indices, roc_auc
+from rlengine.reward.strength import roc_auc
+from rlengine.reward.strength_report import decile_indices
 from rlengine.synthetic import SyntheticTask
-from rlengine.synthetic.calibrate import roc_auc as quadratic_roc_auc
 
 VOTERS = 3
 PAIRS = 400
 SETTINGS = ["--synthetic-pairs", str(PAIRS), "--synthetic-eval-pairs", "200", "--steps", "40",
             "--threads", "1", "--progress", "false"]
 STRENGTH_ARGS = ["strength", "--voters", str(VOTERS), "--decile-steps", "10", *SETTINGS]
+
+
+def quadratic_roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The definition, over every (positive, negative) pair: the reference for roc_auc."""
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    greater = (pos[:, None] > neg[None]).double().mean()
+    equal = (pos[:, None] == neg[None]).double().mean()
+    return float(greater + 0.5 * equal)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlengine.reward.strength import roc_auc
 from rlengine.synthetic import (
     ProbeRewardModel,
     SyntheticTask,
@@ -16,7 +17,6 @@ from rlengine.synthetic import (
     score_pairs,
     train_probe_reward_model,
 )
-from rlengine.synthetic.calibrate import roc_auc
 from rlengine.synthetic.training import batch_scored, encode_scored
 
 TASK = SyntheticTask(seed=0)

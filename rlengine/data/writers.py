@@ -12,18 +12,17 @@ previous file untouched."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from rlengine.data.types import PreferencePair
+from rlengine.files import atomic_write
 
 __all__ = ["write_preferences"]
 
@@ -40,11 +39,9 @@ def write_preferences(pairs: Iterable[PreferencePair], path: str | os.PathLike) 
     if not path.name.lower().endswith(_SUFFIXES):
         raise ValueError(f"{path}: write_preferences writes JSON lines; the name must end with "
                          f"{', '.join(_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name in the same folder (os.replace is atomic only within one file system);
-    # opened with "xb" rather than mkstemp so the file gets the usual umask permissions
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def write(temporary: Path) -> None:
+        # "xb" rather than mkstemp, so the file gets the usual umask permissions
         with open(temporary, "xb") as raw:
             # mtime=0 and no stored name: the same pairs give the same bytes
             stream = (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
@@ -53,14 +50,8 @@ def write_preferences(pairs: Iterable[PreferencePair], path: str | os.PathLike) 
                 stream.write(_line(pair, index))
             if stream is not raw:
                 stream.close()  # writes the gzip trailer; raw stays open
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _line(pair: PreferencePair, index: int) -> bytes:

@@ -26,22 +26,12 @@ import torch
 
 from rlengine.data.types import PreferencePair
 from rlengine.reward.config import RewardTrainerConfig
+from rlengine.reward.job import seeded_reward_model
 from rlengine.reward.model import RewardModel
-from rlengine.reward.strength import vote
+from rlengine.reward.strength import roc_auc, vote
 from rlengine.reward.trainer import RewardTrainer
 from rlengine.synthetic import SyntheticTask
 from rlengine.synthetic.task import TaskConfig
-
-
-def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    pos, neg = scores[positive].double(), scores[~positive].double()
-    if not len(pos) or not len(neg):
-        return float("nan")
-    greater = (pos[:, None] > neg[None]).double().mean()
-    equal = (pos[:, None] == neg[None]).double().mean()
-    return float(greater + 0.5 * equal)
-
 
 # The tiny task's settings (2000 pairs, batch 32): 600 steps is about 10 epochs, long enough for
 # the flipped labels to hurt plain BT; voters train shorter, as the paper's do (one epoch).
@@ -59,9 +49,7 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
     flipped = torch.tensor([p.extra["flipped"] for p in noisy])
 
     def make_model(m: int = 0) -> RewardModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(10_007 + 97 * seed + m)
-            return RewardModel(task.make_reward_backbone(from_policy=policy))
+        return seeded_reward_model(task.make_reward_backbone(from_policy=policy), 97 * seed + m)
 
     def train(train_pairs: Sequence[PreferencePair], **options) -> float:
         config = dataclasses.replace(BASE, seed=seed, **{"steps": steps, **options})

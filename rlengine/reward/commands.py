@@ -5,10 +5,8 @@ Both run as one process or under torchrun (DDP: gloo on the CPU, NCCL on CUDA)."
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
-import typing
 from pathlib import Path
 
 from rlengine import configs
@@ -60,34 +58,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[RewardJobConfig, RewardTrainerConfig]:
-    """(job, trainer) configs: defaults < YAML < flags, split by field name. A bad key or value
-    is a ConfigError naming it and where it came from (the YAML file or the flag)."""
-    fields = {**{name: RewardJobConfig for name in RewardJobConfig.__dataclass_fields__},
-              **{name: RewardTrainerConfig for name in RewardTrainerConfig.__dataclass_fields__}}
-    hints = {**typing.get_type_hints(RewardJobConfig),
-             **typing.get_type_hints(RewardTrainerConfig)}
-    values: dict[str, object] = {}
-    if args.config:
-        for key, value in configs.load_yaml(args.config).items():
-            name = str(key).replace("-", "_")
-            if name not in fields:
-                close = difflib.get_close_matches(name, fields, n=3)
-                hint = f" (did you mean {', '.join(close)}?)" if close else " (see --help)"
-                raise configs.ConfigError(f"{args.config}: unknown option {key!r}{hint}")
-            values[name] = configs.coerce(hints[name], value, f"{args.config}: {key}")
-    for dest, value in vars(args).items():
-        if dest.startswith("cfg__"):
-            name = dest[len("cfg__"):]
-            flag = f"--{name.replace('_', '-')}"
-            values[name] = configs.coerce(hints[name], value, f"command line: {flag}")
-    sources = " and ".join(filter(None, [args.config, "command line" if any(
-        dest.startswith("cfg__") for dest in vars(args)) else None])) or "defaults"
-    job = configs.from_mapping(RewardJobConfig, {k: v for k, v in values.items()
-                                                 if fields[k] is RewardJobConfig}, sources)
-    trainer = configs.from_mapping(RewardTrainerConfig, {k: v for k, v in values.items()
-                                                         if fields[k] is RewardTrainerConfig},
-                                   sources)
-    if SYNTHETIC in (job.train, job.model) and "lr" not in values:
+    """(job, trainer) configs: defaults < YAML < flags (rlengine.configs.from_sources)."""
+    (job, trainer), given = configs.from_sources([RewardJobConfig, RewardTrainerConfig], args,
+                                                 config_path=args.config)
+    if SYNTHETIC in (job.train, job.model) and "lr" not in given:
         # the tiny synthetic models want a far larger step than the paper's 7B models
         trainer.lr = 2e-3
     return job, trainer

@@ -122,8 +122,26 @@ class RewardTrainerConfig:
 
     @property
     def uses_strength(self) -> bool:
-        return (self.margin == "strength" or self.flip_lowest > 0 or self.drop_lowest > 0
-                or (self.label_smoothing > 0 and self.smoothing_on == "negative_strength"))
+        return bool(self.strength_options())
+
+    def total_steps(self, train_pairs: int) -> int:
+        """Optimizer steps of a run on ``train_pairs`` pairs: ``steps``, or ``epochs`` passes of
+        ``train_pairs // batch_size`` steps (each epoch drops its remainder), at least 1."""
+        return self.steps or max(1, int(self.epochs * (train_pairs // self.batch_size)))
+
+    def strength_options(self) -> list[str]:
+        """The options set that read each pair's strength column, as ``name=value`` (for
+        messages): margin=strength, flip_lowest, drop_lowest, smoothing on mu < 0."""
+        used = []
+        if self.margin == "strength":
+            used.append("margin=strength")
+        if self.flip_lowest > 0:
+            used.append(f"flip_lowest={self.flip_lowest}")
+        if self.drop_lowest > 0:
+            used.append(f"drop_lowest={self.drop_lowest}")
+        if self.label_smoothing > 0 and self.smoothing_on == "negative_strength":
+            used.append("smoothing_on=negative_strength")
+        return used
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

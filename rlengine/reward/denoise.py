@@ -74,27 +74,15 @@ def swapped(pair: PreferencePair) -> PreferencePair:
                           {**pair.extra, "flipped_by_strength": True})
 
 
-def _strength_options(config: RewardTrainerConfig) -> str:
-    """The options that need the strength column, as the user set them."""
-    on = []
-    if config.margin == "strength":
-        on.append("margin=strength")
-    if config.flip_lowest > 0:
-        on.append(f"flip_lowest={config.flip_lowest}")
-    if config.drop_lowest > 0:
-        on.append(f"drop_lowest={config.drop_lowest}")
-    if config.label_smoothing > 0 and config.smoothing_on == "negative_strength":
-        on.append("smoothing_on=negative_strength")
-    return ", ".join(on)
-
-
 def prepare_pairs(pairs: Sequence[PreferencePair], config: RewardTrainerConfig) -> PreparedPairs:
     """Apply flip_lowest, then drop_lowest, then derive margins and smoothing (see the
     options' help in RewardTrainerConfig)."""
     pairs = list(pairs)
     n = len(pairs)
-    strength = (strength_of(pairs, config.strength_key, needed_by=_strength_options(config))
-                if config.uses_strength else None)
+    strength = None
+    if config.uses_strength:
+        strength = strength_of(pairs, config.strength_key,
+                               needed_by=", ".join(config.strength_options()))
     flipped = torch.zeros(n, dtype=torch.bool)
     if strength is not None and config.flip_lowest > 0:
         lowest = _lowest(strength, config.flip_lowest)

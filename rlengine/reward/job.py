@@ -105,11 +105,76 @@ class RewardJob:
 
 def build_job(config: RewardJobConfig, *, need_entropy: bool = False, need_meta: bool = False,
               log=print) -> RewardJob:
+    """The data, tokenizer, model factory, entropy model (``need_entropy``: segment scores) and
+    MetaRM meta set (``need_meta``) that ``config`` names; a ConfigError for a combination that
+    cannot work."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.train == SYNTHETIC:
-        return _synthetic_job(config, need_entropy, need_meta, log)
-    return _file_job(config, need_entropy, need_meta, log)
+    synthetic_data = config.train == SYNTHETIC
+    synthetic_model = config.model == SYNTHETIC
+    # the task: the data's source, or the language of a file written from it (`rlengine
+    # strength`'s output) when the model is the task's own
+    task = (_synthetic_task(config.synthetic_task_seed)
+            if synthetic_data or synthetic_model else None)
+    if synthetic_data:
+        pairs = task.preference_pairs(config.synthetic_pairs,
+                                      flip_fraction=config.synthetic_flip,
+                                      seed=config.data_seed + 1)
+        if config.limit:
+            pairs = pairs[:config.limit]
+    else:
+        pairs = load_preferences(config.train, split=config.split, limit=config.limit)
+    pairs, heldout = _split_heldout(pairs, config)
+    eval_sets = {}
+    if synthetic_data:
+        eval_sets["clean"] = task.clean_pairs(config.synthetic_eval_pairs,
+                                              seed=config.data_seed + 100)
+    if heldout:
+        eval_sets["heldout"] = heldout
+    eval_sets.update(_eval_files(config))
+
+    # the SFT policy's own tokens are the synthetic model's: only then can it be the default
+    # entropy model
+    entropy_from_policy = need_entropy and not config.entropy_model and synthetic_model
+    meta_from_policy = need_meta and (config.meta_set == SYNTHETIC
+                                      or (config.meta_set is None and synthetic_data))
+    if meta_from_policy and task is None:
+        raise ConfigError("meta_set 'synthetic' samples the synthetic task's SFT policy: it needs "
+                          "train or model 'synthetic'")
+    needs_policy = synthetic_model and config.synthetic_init == "sft"
+    policy = (task.sft_policy() if needs_policy or entropy_from_policy or meta_from_policy
+              else None)
+
+    if synthetic_model:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        tokenizer = task.tokenizer
+        make_model = _synthetic_model_factory(config, task, policy)
+    else:
+        tokenizer = _tokenizer(config, pairs)
+        make_model = _model_factory(config, tokenizer)
+
+    entropy_model = None
+    if need_entropy:
+        if config.entropy_model:
+            entropy_model = _load_causal_lm(config.entropy_model)
+        elif entropy_from_policy:
+            entropy_model = policy
+        else:
+            raise ConfigError("score_mode=segment needs entropy_model: a local causal-LM folder "
+                              "(the SFT policy) with the reward model's tokenizer (only the "
+                              "synthetic model has a default, its SFT policy)")
+    meta_set = None
+    if meta_from_policy:
+        meta_set = _policy_samples(config, task, policy, log)
+    elif need_meta:
+        if not config.meta_set:
+            raise ConfigError("MetaRM on a data file needs meta_set: a file of {prompt, "
+                              "responses} rows (samples of the current policy)")
+        meta_set = _meta_file(config.meta_set, log)
+    return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
+                     config.max_length, config.max_prompt_length, task)
 
 
 def _split_heldout(pairs: list[PreferencePair], config: RewardJobConfig
@@ -131,38 +196,6 @@ def _eval_files(config: RewardJobConfig) -> dict[str, list[PreferencePair]]:
     return {name: load_preferences(path, split=config.split) for name, path in config.eval.items()}
 
 
-def _synthetic_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool, log) -> RewardJob:
-    task = _synthetic_task(config.synthetic_task_seed)
-    pairs = task.preference_pairs(config.synthetic_pairs, flip_fraction=config.synthetic_flip,
-                                  seed=config.data_seed + 1)
-    if config.limit:
-        pairs = pairs[:config.limit]
-    pairs, heldout = _split_heldout(pairs, config)
-    eval_sets = {"clean": task.clean_pairs(config.synthetic_eval_pairs,
-                                           seed=config.data_seed + 100)}
-    if heldout:
-        eval_sets["heldout"] = heldout
-    eval_sets.update(_eval_files(config))
-    needs_policy = (config.synthetic_init == "sft" or need_entropy
-                    or (need_meta and config.meta_set == SYNTHETIC))
-    policy = task.sft_policy() if needs_policy else None
-    if config.model == SYNTHETIC:
-        make_model = _synthetic_model_factory(config, task, policy)
-        tokenizer = task.tokenizer
-    else:
-        tokenizer = _tokenizer(config, pairs)
-        make_model = _model_factory(config, tokenizer)
-    entropy_model = None
-    if need_entropy:
-        entropy_model = (_load_causal_lm(config.entropy_model) if config.entropy_model
-                         else policy)
-    meta_set = None
-    if need_meta:
-        meta_set = _meta_set(config, task, policy, log)
-    return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
-                     config.max_length, config.max_prompt_length, task)
-
-
 @functools.lru_cache(maxsize=4)
 def _synthetic_task(seed: int):
     """One task object per seed and process: its SFT policy (about 10 s) is cached per object,
@@ -178,60 +211,16 @@ def _synthetic_model_factory(config: RewardJobConfig, task, policy):
             backbone = task.make_reward_backbone(from_policy=policy)
         else:
             backbone = task.make_reward_backbone(config.model_seed + seed)
-        return _with_head(backbone, seed)
+        return seeded_reward_model(backbone, seed)
     return make_model
 
 
-def _with_head(backbone, seed: int) -> RewardModel:
+def seeded_reward_model(backbone, seed: int) -> RewardModel:
     """A RewardModel on ``backbone`` whose head draw is a function of ``seed`` alone (voters of
     `rlengine strength` differ by it), leaving the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10_007 + seed)
         return RewardModel(backbone)
-
-
-def _file_job(config: RewardJobConfig, need_entropy: bool, need_meta: bool, log) -> RewardJob:
-    pairs = load_preferences(config.train, split=config.split, limit=config.limit)
-    pairs, heldout = _split_heldout(pairs, config)
-    eval_sets = _eval_files(config)
-    if heldout:
-        eval_sets["heldout"] = heldout
-    task = policy = None
-    if config.model == SYNTHETIC:
-        # a file in the synthetic task's language (`rlengine strength`'s output, say): the
-        # task's own tokenizer and backbone, as with train=synthetic
-        if config.tokenizer:
-            raise ValueError(f"model 'synthetic' has its own tokenizer; tokenizer "
-                             f"{config.tokenizer!r} cannot be used with it")
-        task = _synthetic_task(config.synthetic_task_seed)
-        needs_policy = (config.synthetic_init == "sft"
-                        or (need_entropy and not config.entropy_model)
-                        or (need_meta and config.meta_set == SYNTHETIC))
-        policy = task.sft_policy() if needs_policy else None
-        tokenizer = task.tokenizer
-        make_model = _synthetic_model_factory(config, task, policy)
-    else:
-        tokenizer = _tokenizer(config, pairs)
-        make_model = _model_factory(config, tokenizer)
-    entropy_model = None
-    if need_entropy:
-        if config.entropy_model:
-            entropy_model = _load_causal_lm(config.entropy_model)
-        elif policy is not None:
-            entropy_model = policy
-        else:
-            raise ConfigError("score_mode=segment on a data file needs entropy_model: a local "
-                              "causal-LM folder (the SFT policy) with the same tokenizer")
-    meta_set = None
-    if need_meta and task is not None and config.meta_set == SYNTHETIC:
-        meta_set = _meta_set(config, task, policy, log)
-    elif need_meta:
-        if not config.meta_set or config.meta_set == SYNTHETIC:
-            raise ConfigError("MetaRM on a data file needs meta_set: a file of {prompt, "
-                              "responses} rows (samples of the current policy)")
-        meta_set = _meta_file(config.meta_set, log)
-    return RewardJob(tokenizer, pairs, eval_sets, make_model, entropy_model, meta_set,
-                     config.max_length, config.max_prompt_length, task)
 
 
 def _tokenizer(config: RewardJobConfig, pairs: list[PreferencePair]):
@@ -257,8 +246,8 @@ def _model_factory(config: RewardJobConfig, tokenizer):
                                    max_positions=positions, dropout=config.tiny_dropout)
 
         def make_model(seed: int) -> RewardModel:
-            return _with_head(make_base_model(model_config, tokenizer, config.model_seed + seed),
-                              seed)
+            backbone = make_base_model(model_config, tokenizer, config.model_seed + seed)
+            return seeded_reward_model(backbone, seed)
         return make_model
     path = Path(config.model)
     if not path.is_dir():
@@ -268,7 +257,7 @@ def _model_factory(config: RewardJobConfig, tokenizer):
     def make_pretrained(seed: int) -> RewardModel:
         from transformers import AutoModel
 
-        return _with_head(AutoModel.from_pretrained(path), seed)
+        return seeded_reward_model(AutoModel.from_pretrained(path), seed)
     return make_pretrained
 
 
@@ -280,15 +269,14 @@ def _load_causal_lm(path: str):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-def _meta_set(config: RewardJobConfig, task, policy, log) -> list:
-    if config.meta_set is None or config.meta_set == SYNTHETIC:
-        prompts = task.prompts(config.meta_prompts, seed=config.data_seed + 500)
-        repeated = [p for p in prompts for _ in range(config.meta_k)]
-        texts = task.generate(policy, repeated, seed=config.data_seed + 501)
-        log(f"meta set: {len(prompts)} prompts x {config.meta_k} samples of the SFT policy")
-        return [(p, texts[i * config.meta_k:(i + 1) * config.meta_k])
-                for i, p in enumerate(prompts)]
-    return _meta_file(config.meta_set, log)
+def _policy_samples(config: RewardJobConfig, task, policy, log) -> list:
+    """The synthetic meta set: meta_k samples of the SFT policy for each of meta_prompts."""
+    prompts = task.prompts(config.meta_prompts, seed=config.data_seed + 500)
+    repeated = [p for p in prompts for _ in range(config.meta_k)]
+    texts = task.generate(policy, repeated, seed=config.data_seed + 501)
+    log(f"meta set: {len(prompts)} prompts x {config.meta_k} samples of the SFT policy")
+    return [(p, texts[i * config.meta_k:(i + 1) * config.meta_k])
+            for i, p in enumerate(prompts)]
 
 
 def _meta_file(path: str, log) -> list:

@@ -62,9 +62,8 @@ def vote(make_model: Callable[[int], RewardModel], tokenizer, pairs: Sequence[Pr
     if voters < 1:
         raise ValueError(f"voters must be >= 1, got {voters}")
     if config.uses_strength:
-        raise ValueError("the voters must train on the plain labels: turn off the strength "
-                         "options (margin=strength, flip_lowest, drop_lowest, smoothing on "
-                         "negative strength) for `strength`")
+        raise ValueError(f"the voters must train on the plain labels: turn off the strength "
+                         f"options ({', '.join(config.strength_options())}) for `strength`")
     differences, seeds, metrics = [], [], []
     for m in range(voters):
         seed = config.seed + m
@@ -82,3 +81,24 @@ def vote(make_model: Callable[[int], RewardModel], tokenizer, pairs: Sequence[Pr
     stacked = torch.stack(differences)
     mu, sigma = preference_strength(stacked)
     return StrengthResult(stacked, mu, sigma, seeds, metrics)
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half
+    (Mann-Whitney U from average ranks: O(n log n), for data sets of any size)."""
+    scores = scores.double()
+    positives = int(positive.sum())
+    negatives = len(scores) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = torch.argsort(scores, stable=True)
+    ordered = scores[order]
+    ranks = torch.empty_like(scores)
+    # tied scores share the average of their 1-based ranks
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True,
+                                                  return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    average = ends - (counts.double() - 1) / 2
+    ranks[order] = average[inverse]
+    u = float(ranks[positive].sum()) - positives * (positives + 1) / 2
+    return u / (positives * negatives)

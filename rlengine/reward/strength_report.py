@@ -39,9 +39,10 @@ import torch
 from rlengine.configs import ConfigError
 from rlengine.data.types import PreferencePair
 from rlengine.data.writers import write_preferences
+from rlengine.files import atomic_write
 from rlengine.reward.config import RewardTrainerConfig
 from rlengine.reward.job import RewardJob, RewardJobConfig, build_job
-from rlengine.reward.strength import StrengthResult, vote
+from rlengine.reward.strength import StrengthResult, roc_auc, vote
 from rlengine.training.distributed import init_distributed
 
 DEFAULT_VOTERS = 10
@@ -88,7 +89,7 @@ def run_strength_command(job_config: RewardJobConfig, trainer_config: RewardTrai
     if not trainer_config.output_dir:
         raise ConfigError("strength needs output_dir (--output-dir): it writes strength.jsonl, "
                           "the decile table, the plots and the voters' checkpoints there")
-    used = _strength_options(trainer_config)
+    used = trainer_config.strength_options()
     if used:
         raise ConfigError(f"strength trains its voters on the plain labels, so the strength "
                           f"options cannot be used with it (got {', '.join(used)}); use them "
@@ -169,19 +170,6 @@ def run_strength_command(job_config: RewardJobConfig, trainer_config: RewardTrai
             f"--label-smoothing 0.2 --smoothing-on negative_strength ...")
     distributed.barrier()
     return 0
-
-
-def _strength_options(config: RewardTrainerConfig) -> list[str]:
-    used = []
-    if config.margin == "strength":
-        used.append("margin=strength")
-    if config.flip_lowest > 0:
-        used.append(f"flip_lowest={config.flip_lowest}")
-    if config.drop_lowest > 0:
-        used.append(f"drop_lowest={config.drop_lowest}")
-    if config.label_smoothing > 0 and config.smoothing_on == "negative_strength":
-        used.append("smoothing_on=negative_strength")
-    return used
 
 
 # ---- deciles ----------------------------------------------------------------------------------
@@ -274,8 +262,7 @@ def _decile_markdown(table: str, result: StrengthResult, validation_name: str | 
 def _decile_steps(requested: int | None, config: RewardTrainerConfig, pairs: int) -> int:
     if requested is not None:
         return requested
-    voter_steps = config.steps or max(1, int(config.epochs * (pairs // config.batch_size)))
-    return max(1, voter_steps // 3)
+    return max(1, config.total_steps(pairs) // 3)
 
 
 def _decile_accuracies(job: RewardJob, config: RewardTrainerConfig,
@@ -348,27 +335,6 @@ def _ground_truth(pairs: Sequence[PreferencePair], columns: Sequence[str]
     return None
 
 
-def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half
-    (Mann-Whitney U from average ranks: O(n log n), for data sets of any size)."""
-    scores = scores.double()
-    positives = int(positive.sum())
-    negatives = len(scores) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = torch.argsort(scores, stable=True)
-    ordered = scores[order]
-    ranks = torch.empty_like(scores)
-    # tied scores share the average of their 1-based ranks
-    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True,
-                                                  return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    average = ends - (counts.double() - 1) / 2
-    ranks[order] = average[inverse]
-    u = float(ranks[positive].sum()) - positives * (positives + 1) / 2
-    return u / (positives * negatives)
-
-
 def _summary(result: StrengthResult, rows: list[dict[str, Any]], flips: GroundTruth | None,
              agreement: GroundTruth | None, voters: int, validation_name: str | None,
              steps: int, job: RewardJob) -> dict[str, Any]:
@@ -414,20 +380,8 @@ def _share(flags: torch.Tensor) -> float | None:
 # ---- files and plots --------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary) then rename onto ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -446,7 +400,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _save_figure(figure, path: Path) -> None:
-    _atomic(path, lambda p: figure.savefig(p, format="png", dpi=120))
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=120))
 
 
 def plot_strength_histogram(mu: torch.Tensor, path: str | os.PathLike, *,

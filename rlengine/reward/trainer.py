@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from rlengine import ops
+from rlengine.configs import to_yaml
 from rlengine.data.tokenize import (
     PreferenceDataset,
     RankedDataset,
-    pad_token_id,
 )
 from rlengine.data.types import PreferencePair, RankedExample, Text
 from rlengine.ops import reference as reference_ops
@@ -113,12 +113,15 @@ class RewardTrainer:
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda *_: None)
         self.tokenizer = tokenizer
-        self.pad_id = pad_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         if len(train_pairs) == 0:
             raise ValueError("train_pairs is empty")
 
         self.prepared: PreparedPairs = prepare_pairs(train_pairs, config)
+        # per-pair loss inputs on the device once, indexed there by each batch's pair indices
+        self._margin = (None if self.prepared.margin is None
+                        else self.prepared.margin.to(self.device))
+        self._smoothing = self.prepared.smoothing.to(self.device)
         self.lengths = lengths = {"max_length": max_length,
                                   "max_prompt_length": max_prompt_length}
         self.train_data = PreferenceDataset(self.prepared.pairs, tokenizer, **lengths)
@@ -153,7 +156,7 @@ class RewardTrainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
                              f"({len(self.train_data)} pairs)")
-        self.total_steps = config.steps or max(1, int(config.epochs * self.steps_per_epoch))
+        self.total_steps = config.total_steps(len(self.train_data))
 
         self.model = model.to(self.device)
         hidden = model.value_head.in_features
@@ -182,6 +185,7 @@ class RewardTrainer:
             self.autocast_dtype = torch.bfloat16
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
 
         if config.contrastive == "simcse" and not _has_dropout(model):
             self.log("warning: contrastive=simcse but the backbone has no dropout: its two views "
@@ -190,12 +194,15 @@ class RewardTrainer:
     # ---- data ---------------------------------------------------------------------------------
 
     def _step_indices(self, step: int) -> list[int]:
-        """The training pairs of optimizer step ``step``: a slice of epoch's permutation."""
+        """The training pairs of optimizer step ``step``: a slice of its epoch's permutation,
+        a function of (seed, epoch) alone (drawn once per epoch)."""
         size = self.config.batch_size
         epoch, position = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_data), generator=generator)
-        return order[position * size:(position + 1) * size].tolist()
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self.train_data),
+                                                       generator=generator))
+        return self._epoch_order[1][position * size:(position + 1) * size].tolist()
 
     def _micro_batches(self, step: int) -> list[list[int]]:
         """This process's share of each micro-batch of ``step``."""
@@ -290,12 +297,10 @@ class RewardTrainer:
         rewards = self._scores(values[first], input_ids[first], attention_mask[first],
                                response_mask[first], last_index[first])
         chosen, rejected = rewards[:pairs], rewards[pairs:]
-        index = batch["index"].cpu()
-        margin = None if self.prepared.margin is None else self.prepared.margin[index]
-        smoothing = self.prepared.smoothing[index]
+        index = batch["index"]
         per_pair = self.ops.bt_loss(chosen, rejected,
-                               margin=None if margin is None else margin.to(self.device),
-                               label_smoothing=smoothing.to(self.device))
+                                    margin=None if self._margin is None else self._margin[index],
+                                    label_smoothing=self._smoothing[index])
         bt = per_pair.mean()
         loss = bt
         parts = {"bt_loss": bt.detach(),
@@ -344,7 +349,7 @@ class RewardTrainer:
         torch.manual_seed(_step_seed(cfg.seed, step, self.dist.rank))
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         ascent = contextlib.nullcontext()
         if self.meta_data is not None:
             average = None
@@ -361,9 +366,9 @@ class RewardTrainer:
                 with sync:
                     loss, parts = self._micro_loss(indices)
                     (loss / cfg.grad_accum).backward()
+                parts["loss"] = loss.detach()
                 for key, value in parts.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    sums[key] = sums[key] + value if key in sums else value
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
@@ -371,14 +376,14 @@ class RewardTrainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        tokens = sums.pop("tokens")
-        record = {f"train/{k}": v / cfg.grad_accum for k, v in sums.items()}
-        if self.dist.enabled:
-            packed = torch.tensor(list(record.values()) + [tokens], dtype=torch.float64)
-            self.dist.all_reduce_sum(packed)
-            values = (packed[:-1] / self.dist.world_size).tolist()
-            record = dict(zip(record, values))
-            tokens = float(packed[-1])
+        # every logged number in one tensor: one copy to the host, one all-reduce
+        names = [key for key in sums if key != "tokens"]
+        packed = torch.stack([sums[key].double() for key in [*names, "tokens"]])
+        self.dist.all_reduce_sum(packed)
+        values = packed.tolist()
+        tokens = values.pop()
+        scale = cfg.grad_accum * self.dist.world_size
+        record = {f"train/{key}": value / scale for key, value in zip(names, values)}
         if isinstance(ascent, MetaAscent):
             record["train/metarm_objective"] = ascent.value
         record["train/lr"] = lr
@@ -404,7 +409,6 @@ class RewardTrainer:
         logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
                                enabled=self.dist.is_main, resume_step=resumed_from)
         if self.dist.is_main and cfg.output_dir:
-            from rlengine.configs import to_yaml
             (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
         if resumed_from is None:
             self.log(f"training on {len(self.train_data)} pairs "

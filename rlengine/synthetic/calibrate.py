@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rlengine.data.types import PreferencePair
+from rlengine.reward.strength import roc_auc
 from rlengine.synthetic.task import SyntheticTask, pair_accuracy
 from rlengine.synthetic.training import (
     batch_scored,
@@ -55,16 +56,6 @@ from rlengine.synthetic.training import (
     score_pairs,
     train_probe_reward_model,
 )
-
-
-def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    pos, neg = scores[positive].double(), scores[~positive].double()
-    if not len(pos) or not len(neg):
-        return float("nan")
-    greater = (pos[:, None] > neg[None]).double().mean()
-    equal = (pos[:, None] == neg[None]).double().mean()
-    return float(greater + 0.5 * equal)
 
 
 def swap_labels(pairs: Sequence[PreferencePair], which: set[int]) -> list[PreferencePair]:

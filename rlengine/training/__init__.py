@@ -2,7 +2,7 @@
 TensorBoard, a progress bar), checkpoints that resume bit for bit, and torch.distributed
 set-up. The reward trainer uses them now; the policy trainers will."""
 
-from rlengine.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
 from rlengine.training.metrics import MetricsLogger
 from rlengine.training.schedules import SCHEDULES, make_scheduler
@@ -12,8 +12,6 @@ __all__ = [
     "CheckpointManager",
     "DistributedContext",
     "MetricsLogger",
-    "capture_rng_state",
     "init_distributed",
     "make_scheduler",
-    "restore_rng_state",
 ]

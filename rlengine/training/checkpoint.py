@@ -1,8 +1,9 @@
 """Checkpoints that let an interrupted run finish exactly as an uninterrupted one would.
 
-A checkpoint is a directory ``checkpoints/step-00000120/`` holding ``state.pt``: the model,
-optimizer and scheduler state, the trainer's own counters and every RNG state that the rest of
-the run consumes (torch CPU and CUDA, Python, NumPy). It is written under a temporary name and
+A checkpoint is a directory ``checkpoints/step-00000120/`` holding ``state.pt``: whatever the
+trainer puts there (model, optimizer and scheduler state, its counters). No RNG state: the
+trainers make every random draw a function of (seed, step), so none is needed to resume
+exactly. It is written under a temporary name and
 renamed into place, so a run killed while saving (SIGKILL included) leaves either the whole
 checkpoint or none: resume always finds the newest *complete* one.
 """
@@ -10,33 +11,15 @@ checkpoint or none: resume always finds the newest *complete* one.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.pt"
-
-
-def capture_rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointManager:

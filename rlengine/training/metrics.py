@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlengine.files import atomic_write
+
 
 class MetricsLogger:
     """``log(step, {"train/loss": ...})`` appends ``{"step": step, "train/loss": ...}`` to
@@ -30,7 +32,9 @@ class MetricsLogger:
             if self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines()
                         if (step := _step_of(line)) is not None and step <= resume_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+                # atomically: a kill during the rewrite must not lose the records kept
+                text = "".join(line + "\n" for line in kept)
+                atomic_write(self.path, lambda temporary: temporary.write_text(text))
         else:
             # A fresh run: the records of an earlier run in this directory go, TensorBoard's
             # events as well (they would otherwise show as a second curve over the same steps).
