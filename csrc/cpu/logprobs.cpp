@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cpu/common.h"
+#include "cpu/logprobs_checks.h"
 #include "cpu/vec_math.h"
 
 namespace rlengine::cpu {
@@ -132,17 +133,6 @@ double to_double<double>(double v) {
   return v;
 }
 
-void check_labels_tensor(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK_VALUE(logits.dim() >= 1, "rlengine.token_logprobs: logits must have a vocabulary ",
-                    "dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
-                    "rlengine.token_logprobs: labels must have shape logits.shape[:-1] = ",
-                    logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-                   "rlengine.token_logprobs: labels must be int64 or int32, got ",
-                   labels.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_in,
                                                                   const at::Tensor& labels_in,
                                                                   double temperature,
@@ -150,13 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
                                                                   bool with_entropy,
                                                                   bool /*inplace_backward*/) {
   constexpr const char* op = "token_logprobs";
-  check_cpu(op, "logits", logits_in);
-  check_cpu(op, "labels", labels_in);
-  check_floating(op, "logits", logits_in);
-  check_labels_tensor(logits_in, labels_in);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "rlengine.token_logprobs: temperature must be a finite number > 0, got ",
-                    temperature);
+  logprobs_checks::check_forward_args(op, logits_in, labels_in, temperature, at::kCPU);
   const int64_t V = logits_in.size(-1);
   TORCH_CHECK_VALUE(V >= 1, "rlengine.token_logprobs: logits must have a vocabulary size >= 1");
 
@@ -249,24 +233,6 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-void check_backward_args(const char* op, const std::optional<at::Tensor>& grad_logprobs,
-                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                         const at::Tensor& labels, const at::Tensor& logsumexp,
-                         const at::Tensor& entropy, double temperature) {
-  check_cpu(op, "logits", logits);
-  check_floating(op, "logits", logits);
-  check_labels_tensor(logits, labels);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "rlengine.token_logprobs: temperature must be a finite number > 0, got ",
-                    temperature);
-  check_shape(op, "logsumexp", logsumexp, labels.sizes());
-  if (grad_logprobs) check_shape(op, "grad_logprobs", *grad_logprobs, labels.sizes());
-  if (grad_entropy) {
-    check_shape(op, "grad_entropy", *grad_entropy, labels.sizes());
-    check_shape(op, "entropy", entropy, labels.sizes());
-  }
-}
-
 // Writes the logits gradient into `grad`, a tensor of the logits' shape with vocabulary stride
 // 1 and any leading strides; it may be `logits` itself (the in-place backward): row_backward
 // reads each chunk of a row before it writes that chunk.
@@ -328,8 +294,8 @@ at::Tensor token_logprobs_backward_cpu(const std::optional<at::Tensor>& grad_log
                                        const at::Tensor& logsumexp, const at::Tensor& entropy,
                                        double temperature, int64_t ignore_index) {
   constexpr const char* op = "token_logprobs_backward";
-  check_backward_args(op, grad_logprobs, grad_entropy, logits_in, labels, logsumexp, entropy,
-                      temperature);
+  logprobs_checks::check_backward_args(op, grad_logprobs, grad_entropy, logits_in, labels,
+                                       logsumexp, entropy, temperature, at::kCPU);
   const at::Tensor logits = logits_in.stride(-1) == 1 ? logits_in : logits_in.contiguous();
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options().memory_format(
                                                          at::MemoryFormat::Contiguous));
@@ -348,8 +314,8 @@ void token_logprobs_inplace_backward_cpu(const std::optional<at::Tensor>& grad_l
                                          const at::Tensor& logsumexp, const at::Tensor& entropy,
                                          double temperature, int64_t ignore_index) {
   constexpr const char* op = "token_logprobs_inplace_backward";
-  check_backward_args(op, grad_logprobs, grad_entropy, logits, labels, logsumexp, entropy,
-                      temperature);
+  logprobs_checks::check_backward_args(op, grad_logprobs, grad_entropy, logits, labels,
+                                       logsumexp, entropy, temperature, at::kCPU);
   TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
                     "rlengine.token_logprobs: an in-place backward needs logits whose elements ",
                     "do not share memory (not an expand()ed tensor)");

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/segments_checks.h"
 
 namespace rlengine::cpu {
 namespace {
@@ -75,18 +76,6 @@ int64_t check_counts(const char* op, const at::Tensor& counts, int64_t T, int64_
     largest = std::max(largest, k);
   }
   return largest;
-}
-
-void check_segment_tensors(const char* op, const at::Tensor& segment_ids, const at::Tensor& counts,
-                           int64_t B, int64_t T) {
-  check_cpu(op, "segment_ids", segment_ids);
-  check_cpu(op, "counts", counts);
-  TORCH_CHECK_TYPE(segment_ids.scalar_type() == at::kLong, "rlengine.", op,
-                   ": segment_ids must be int64, got ", segment_ids.scalar_type());
-  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "rlengine.", op,
-                   ": counts must be int64, got ", counts.scalar_type());
-  check_shape(op, "segment_ids", segment_ids, {B, T});
-  check_shape(op, "counts", counts, {B});
 }
 
 // ---- entropy_segments ------------------------------------------------------------------------
@@ -245,25 +234,13 @@ constexpr auto kEveryPosition = [](int64_t) { return true; };
 
 // ---- segment_reduce ----------------------------------------------------------------------------
 
-enum class Reduce { kEndMean, kEnd, kSum, kMean };
-
-Reduce parse_reduce(const char* op, std::string_view reduce) {
-  if (reduce == "end_mean") return Reduce::kEndMean;
-  if (reduce == "end") return Reduce::kEnd;
-  if (reduce == "sum") return Reduce::kSum;
-  if (reduce == "mean") return Reduce::kMean;
-  TORCH_CHECK_VALUE(false, "rlengine.", op, ": reduce must be one of 'end_mean', 'end', 'sum', ",
-                    "'mean', got '", reduce, "'");
-  return Reduce::kEndMean;  // unreachable
-}
-
 template <typename scalar_t, typename out_t>
-void segment_reduce_row(Reduce reduce, RowIds ids, Row<scalar_t> values, int64_t T,
+void segment_reduce_row(SegmentReduction reduce, RowIds ids, Row<scalar_t> values, int64_t T,
                         double* __restrict total, int64_t* __restrict length,
                         out_t* __restrict out) {
   const int64_t K = ids.count;
   switch (reduce) {
-    case Reduce::kEndMean: {
+    case SegmentReduction::kEndMean: {
       // Last write wins: total[k] ends as the value at segment k's highest position.
       std::fill(total, total + K, 0.0);
       for (int64_t t = 0; t < T; ++t) {
@@ -275,7 +252,7 @@ void segment_reduce_row(Reduce reduce, RowIds ids, Row<scalar_t> values, int64_t
       *out = static_cast<out_t>(sum / static_cast<double>(std::max<int64_t>(K, 1)));
       return;
     }
-    case Reduce::kEnd: {
+    case SegmentReduction::kEnd: {
       std::fill(out, out + T, out_t(0));
       for (int64_t t = 0; t < T; ++t) {
         const int64_t id = ids[t];
@@ -283,9 +260,9 @@ void segment_reduce_row(Reduce reduce, RowIds ids, Row<scalar_t> values, int64_t
       }
       return;
     }
-    case Reduce::kSum:
-    case Reduce::kMean: {
-      const bool mean = reduce == Reduce::kMean;
+    case SegmentReduction::kSum:
+    case SegmentReduction::kMean: {
+      const bool mean = reduce == SegmentReduction::kMean;
       sum_per_segment(ids, values, T, kEveryPosition, total, mean ? length : nullptr);
       for (int64_t k = 0; k < K; ++k) {
         out[k] = static_cast<out_t>(
@@ -300,14 +277,14 @@ void segment_reduce_row(Reduce reduce, RowIds ids, Row<scalar_t> values, int64_t
 at::Tensor segment_reduce_cpu(const at::Tensor& values, const at::Tensor& segment_ids,
                               const at::Tensor& counts, std::string_view reduce_name) {
   constexpr const char* op = "segment_reduce";
-  const Reduce reduce = parse_reduce(op, reduce_name);
+  const SegmentReduction reduce = segments_checks::parse_reduce(op, reduce_name);
   check_cpu(op, "values", values);
   check_floating(op, "values", values);
   check_dim(op, "values", values, 2);
   const int64_t B = values.size(0), T = values.size(1);
-  check_segment_tensors(op, segment_ids, counts, B, T);
+  segments_checks::check_segment_tensors(op, segment_ids, counts, B, T, at::kCPU);
   const auto out_options = values.options().dtype(result_dtype(values));
-  at::Tensor out = reduce == Reduce::kEndMean ? at::empty({B}, out_options)
+  at::Tensor out = reduce == SegmentReduction::kEndMean ? at::empty({B}, out_options)
                                               : at::empty({B, T}, out_options);
   if (B == 0) return out;
   const int64_t max_count = check_counts(op, counts, T, -1);
@@ -318,9 +295,10 @@ at::Tensor segment_reduce_cpu(const at::Tensor& values, const at::Tensor& segmen
     const Rows<int64_t> ids(segment_ids);
     const Rows<int64_t> count(counts);
     out_t* out_base = out.mutable_data_ptr<out_t>();
-    const int64_t out_row = reduce == Reduce::kEndMean ? 1 : T;
+    const int64_t out_row = reduce == SegmentReduction::kEndMean ? 1 : T;
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      Scratch scratch(max_count, reduce != Reduce::kEnd, reduce == Reduce::kMean);
+      Scratch scratch(max_count, reduce != SegmentReduction::kEnd,
+                      reduce == SegmentReduction::kMean);
       for (int64_t b = begin; b < end; ++b) {
         segment_reduce_row<scalar_t, out_t>(reduce, RowIds{ids[b], op, b, count.at(b)}, v[b], T,
                                             scratch.values.data(), scratch.indices.data(),
@@ -339,18 +317,18 @@ at::Tensor gradient_as(const at::Tensor& grad, at::ScalarType dtype) {
 }
 
 template <typename scalar_t, typename acc_t>
-void segment_reduce_backward_row(Reduce reduce, RowIds ids, Row<acc_t> grad, int64_t T,
+void segment_reduce_backward_row(SegmentReduction reduce, RowIds ids, Row<acc_t> grad, int64_t T,
                                  int64_t* __restrict per_segment, scalar_t* __restrict out) {
   const int64_t K = ids.count;
   switch (reduce) {
-    case Reduce::kSum: {
+    case SegmentReduction::kSum: {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t id = ids[t];
         out[t] = id >= 0 ? static_cast<scalar_t>(grad[id]) : scalar_t(0);
       }
       return;
     }
-    case Reduce::kMean: {
+    case SegmentReduction::kMean: {
       count_per_segment(ids, T, kEveryPosition, per_segment);
       for (int64_t t = 0; t < T; ++t) {  // ids checked above; every length here is >= 1
         const int64_t id = ids.unchecked(t);
@@ -360,12 +338,12 @@ void segment_reduce_backward_row(Reduce reduce, RowIds ids, Row<acc_t> grad, int
       }
       return;
     }
-    case Reduce::kEnd:
-    case Reduce::kEndMean: {
+    case SegmentReduction::kEnd:
+    case SegmentReduction::kEndMean: {
       last_per_segment(ids, T, kEveryPosition, per_segment);
       std::fill(out, out + T, scalar_t(0));
       // grad of "end_mean" is a [B] tensor: its Row has the element of row b at [0].
-      const double share = reduce == Reduce::kEndMean
+      const double share = reduce == SegmentReduction::kEndMean
                                ? static_cast<double>(grad[0]) /
                                      static_cast<double>(std::max<int64_t>(K, 1))
                                : 0.0;
@@ -373,7 +351,7 @@ void segment_reduce_backward_row(Reduce reduce, RowIds ids, Row<acc_t> grad, int
         const int64_t position = per_segment[k];
         if (position < 0) continue;  // a segment without tokens
         out[position] =
-            static_cast<scalar_t>(reduce == Reduce::kEndMean ? share : double(grad[k]));
+            static_cast<scalar_t>(reduce == SegmentReduction::kEndMean ? share : double(grad[k]));
       }
       return;
     }
@@ -384,14 +362,14 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
                                        const at::Tensor& counts, std::string_view reduce_name,
                                        at::ScalarType dtype) {
   constexpr const char* op = "segment_reduce_backward";
-  const Reduce reduce = parse_reduce(op, reduce_name);
+  const SegmentReduction reduce = segments_checks::parse_reduce(op, reduce_name);
   check_cpu(op, "grad", grad_in);
   check_floating(op, "grad", grad_in);
   check_floating(op, "dtype", dtype);
   check_dim(op, "segment_ids", segment_ids, 2);
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
-  check_segment_tensors(op, segment_ids, counts, B, T);
-  if (reduce == Reduce::kEndMean) {
+  segments_checks::check_segment_tensors(op, segment_ids, counts, B, T, at::kCPU);
+  if (reduce == SegmentReduction::kEndMean) {
     check_shape(op, "grad", grad_in, {B});
   } else {
     check_shape(op, "grad", grad_in, {B, T});
@@ -408,7 +386,7 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
     const Rows<int64_t> count(counts);
     scalar_t* out_base = grad_values.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      Scratch scratch(max_count, false, reduce != Reduce::kSum);
+      Scratch scratch(max_count, false, reduce != SegmentReduction::kSum);
       for (int64_t b = begin; b < end; ++b) {
         segment_reduce_backward_row<scalar_t, acc_t>(reduce, RowIds{ids[b], op, b, count.at(b)},
                                                      g[b], T, scratch.indices.data(),
@@ -421,26 +399,12 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
 
 // ---- segment_rewards_to_dense ----------------------------------------------------------------
 
-enum class Spread { kEven, kRepeat, kEnd };
-
-Spread parse_spread(const char* op, std::string_view spread) {
-  if (spread == "even") return Spread::kEven;
-  if (spread == "repeat") return Spread::kRepeat;
-  if (spread == "end") return Spread::kEnd;
-  TORCH_CHECK_VALUE(false, "rlengine.", op, ": spread must be one of 'even', 'repeat', 'end', ",
-                    "got '", spread, "'");
-  return Spread::kEven;  // unreachable
-}
-
 // Everything that turns a segment's reward into its tokens' reward; shared by the forward and
 // the backward so that both see the same normalized, spread and clamped value.
-struct DenseRule {
-  Spread spread;
-  bool normalize = false;
-  double a_mu = 0, b_mu = 0, a_sigma = 0, b_sigma = 0;
+// The shared parameters (segment_rules.h) plus a table of logs; clamp = inf is no clamp (NaN
+// rewards keep their gradient).
+struct DenseRule : DenseRuleParams {
   std::vector<double> log_of;  // log_of[j] = log(j) for 1 <= j <= max count
-  bool clamped = false;        // clamp = inf is no clamp (NaN rewards keep their gradient)
-  double clamp = 0;
 
   struct TokenReward {
     double value;  // the reward of each receiving token of the segment
@@ -459,7 +423,7 @@ struct DenseRule {
       r = (r - mu) / sigma;
       slope = 1.0 / sigma;
     }
-    if (spread == Spread::kEven) {
+    if (spread == SegmentSpread::kEven) {
       const double n = static_cast<double>(std::max<int64_t>(receivers, 1));
       r /= n;
       slope /= n;
@@ -476,45 +440,13 @@ struct DenseRule {
 DenseRule make_dense_rule(const char* op, std::optional<at::ArrayRef<double>> normalizer,
                           std::string_view spread, double clamp, int64_t max_count) {
   DenseRule rule;
-  rule.spread = parse_spread(op, spread);
-  TORCH_CHECK_VALUE(clamp > 0.0, "rlengine.", op, ": clamp must be > 0 (inf for no clamp), got ",
-                    clamp);
-  rule.clamped = std::isfinite(clamp);
-  rule.clamp = clamp;
-  if (normalizer.has_value()) {
-    const at::ArrayRef<double> n = *normalizer;
-    TORCH_CHECK_VALUE(n.size() == 4, "rlengine.", op, ": normalizer must be (a_mu, b_mu, ",
-                      "a_sigma, b_sigma), got ", n.size(), " numbers");
-    for (double x : n) {
-      TORCH_CHECK_VALUE(std::isfinite(x), "rlengine.", op, ": normalizer must be finite, got ",
-                        n);
-    }
-    rule.normalize = true;
-    rule.a_mu = n[0];
-    rule.b_mu = n[1];
-    rule.a_sigma = n[2];
-    rule.b_sigma = n[3];
+  static_cast<DenseRuleParams&>(rule) =
+      segments_checks::dense_rule_params(op, normalizer, spread, clamp);
+  if (rule.normalize) {
     rule.log_of.resize(static_cast<size_t>(max_count) + 1, 0.0);
     for (int64_t j = 1; j <= max_count; ++j) rule.log_of[j] = std::log(static_cast<double>(j));
   }
   return rule;
-}
-
-void check_dense_inputs(const char* op, const at::Tensor& segment_rewards,
-                        const at::Tensor& segment_ids, const at::Tensor& counts,
-                        const at::Tensor& mask) {
-  check_cpu(op, "segment_rewards", segment_rewards);
-  check_cpu(op, "mask", mask);
-  check_floating(op, "segment_rewards", segment_rewards);
-  check_dim(op, "segment_rewards", segment_rewards, 2);
-  check_dim(op, "segment_ids", segment_ids, 2);
-  const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
-  check_segment_tensors(op, segment_ids, counts, B, T);
-  TORCH_CHECK_VALUE(segment_rewards.size(0) == B, "rlengine.", op,
-                    ": segment_rewards must have B = ", B, " rows (segment_ids.shape[0]), got ",
-                    segment_rewards.sizes());
-  check_bool(op, "mask", mask);
-  check_shape(op, "mask", mask, {B, T});
 }
 
 template <typename scalar_t, typename out_t>
@@ -524,9 +456,9 @@ void dense_row(const DenseRule& rule, RowIds ids, Row<bool> receives, Row<scalar
   const int64_t K = ids.count;
   const auto take = [receives](int64_t t) { return receives[t]; };
   switch (rule.spread) {
-    case Spread::kRepeat:
-    case Spread::kEven: {
-      if (rule.spread == Spread::kEven) {
+    case SegmentSpread::kRepeat:
+    case SegmentSpread::kEven: {
+      if (rule.spread == SegmentSpread::kEven) {
         count_per_segment(ids, T, take, per_segment);
         for (int64_t k = 0; k < K; ++k) {
           token_reward[k] = rule(static_cast<double>(rewards[k]), k, K, per_segment[k]).value;
@@ -538,12 +470,12 @@ void dense_row(const DenseRule& rule, RowIds ids, Row<bool> receives, Row<scalar
       }
       for (int64_t t = 0; t < T; ++t) {
         // "repeat" validates its ids here; "even" did in count_per_segment.
-        const int64_t id = rule.spread == Spread::kEven ? ids.unchecked(t) : ids[t];
+        const int64_t id = rule.spread == SegmentSpread::kEven ? ids.unchecked(t) : ids[t];
         out[t] = (id >= 0 && receives[t]) ? static_cast<out_t>(token_reward[id]) : out_t(0);
       }
       return;
     }
-    case Spread::kEnd: {
+    case SegmentSpread::kEnd: {
       last_per_segment(ids, T, take, per_segment);
       std::fill(out, out + T, out_t(0));
       for (int64_t k = 0; k < K; ++k) {
@@ -564,7 +496,7 @@ at::Tensor segment_rewards_to_dense_cpu(const at::Tensor& segment_rewards,
                                         std::optional<at::ArrayRef<double>> normalizer,
                                         std::string_view spread, double clamp) {
   constexpr const char* op = "segment_rewards_to_dense";
-  check_dense_inputs(op, segment_rewards, segment_ids, counts, mask);
+  segments_checks::check_dense_inputs(op, segment_rewards, segment_ids, counts, mask, at::kCPU);
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
   const int64_t max_segments = segment_rewards.size(1);
   at::Tensor dense =
@@ -582,7 +514,8 @@ at::Tensor segment_rewards_to_dense_cpu(const at::Tensor& segment_rewards,
     const Rows<bool> receives(mask);
     out_t* out_base = dense.mutable_data_ptr<out_t>();
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      Scratch scratch(max_count, rule.spread != Spread::kEnd, rule.spread != Spread::kRepeat);
+      Scratch scratch(max_count, rule.spread != SegmentSpread::kEnd,
+                      rule.spread != SegmentSpread::kRepeat);
       for (int64_t b = begin; b < end; ++b) {
         dense_row<scalar_t, out_t>(rule, RowIds{ids[b], op, b, count.at(b)}, receives[b],
                                    rewards[b], T, scratch.values.data(), scratch.indices.data(),
@@ -600,7 +533,7 @@ void dense_backward_row(const DenseRule& rule, RowIds ids, Row<bool> receives,
                         scalar_t* __restrict out) {
   const int64_t K = ids.count;
   const auto take = [receives](int64_t t) { return receives[t]; };
-  if (rule.spread == Spread::kEnd) {
+  if (rule.spread == SegmentSpread::kEnd) {
     last_per_segment(ids, T, take, per_segment);
     for (int64_t k = 0; k < K; ++k) {
       grad_sum[k] = per_segment[k] >= 0 ? static_cast<double>(grad[per_segment[k]]) : 0.0;
@@ -608,10 +541,10 @@ void dense_backward_row(const DenseRule& rule, RowIds ids, Row<bool> receives,
   } else {
     // The receiving tokens' gradients summed per segment (and counted, for "even").
     sum_per_segment(ids, grad, T, take, grad_sum,
-                    rule.spread == Spread::kEven ? per_segment : nullptr);
+                    rule.spread == SegmentSpread::kEven ? per_segment : nullptr);
   }
   for (int64_t k = 0; k < K; ++k) {
-    const int64_t receivers = rule.spread == Spread::kEven ? per_segment[k] : 1;
+    const int64_t receivers = rule.spread == SegmentSpread::kEven ? per_segment[k] : 1;
     const double slope = rule(static_cast<double>(rewards[k]), k, K, receivers).slope;
     // A clamped segment gets exactly 0, even if its tokens' gradients are not finite.
     out[k] = static_cast<scalar_t>(slope == 0.0 ? 0.0 : grad_sum[k] * slope);
@@ -624,7 +557,7 @@ at::Tensor segment_rewards_to_dense_backward_cpu(
     const at::Tensor& segment_ids, const at::Tensor& counts, const at::Tensor& mask,
     std::optional<at::ArrayRef<double>> normalizer, std::string_view spread, double clamp) {
   constexpr const char* op = "segment_rewards_to_dense_backward";
-  check_dense_inputs(op, segment_rewards, segment_ids, counts, mask);
+  segments_checks::check_dense_inputs(op, segment_rewards, segment_ids, counts, mask, at::kCPU);
   check_cpu(op, "grad_rewards", grad_rewards_in);
   check_floating(op, "grad_rewards", grad_rewards_in);
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
@@ -646,7 +579,7 @@ at::Tensor segment_rewards_to_dense_backward_cpu(
     const Rows<bool> receives(mask);
     scalar_t* out_base = grad_segment.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
-      Scratch scratch(max_count, true, rule.spread != Spread::kRepeat);
+      Scratch scratch(max_count, true, rule.spread != SegmentSpread::kRepeat);
       for (int64_t b = begin; b < end; ++b) {
         dense_backward_row<scalar_t, acc_t>(rule, RowIds{ids[b], op, b, count.at(b)},
                                             receives[b], rewards[b], g[b], T, max_segments,

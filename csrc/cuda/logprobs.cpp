@@ -7,6 +7,7 @@
 #include <cmath>
 #include <optional>
 
+#include "cpu/logprobs_checks.h"
 #include "cuda/glue.h"
 #include "cuda/logprobs.h"
 
@@ -47,24 +48,6 @@ std::pair<at::Tensor, RowLayout> readable_logits(const at::Tensor& logits) {
   return {copy, *row_layout(copy)};
 }
 
-void check_labels(const char* op, const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK_VALUE(logits.dim() >= 1, "rlengine.token_logprobs: logits must have a vocabulary ",
-                    "dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
-                    "rlengine.token_logprobs: labels must have shape logits.shape[:-1] = ",
-                    logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-                   "rlengine.token_logprobs: labels must be int64 or int32, got ",
-                   labels.scalar_type());
-  check_cuda(op, "labels", labels, logits.device());
-}
-
-void check_temperature(double temperature) {
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "rlengine.token_logprobs: temperature must be a finite number > 0, got ",
-                    temperature);
-}
-
 // A per-row float tensor as the kernels read it: contiguous in `dtype`, or left as it is when
 // it is an expanded scalar already in `dtype` (step 0), which saves a copy kernel.
 struct PerRow {
@@ -88,9 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
                                                                    bool with_entropy,
                                                                    bool /*inplace_backward*/) {
   constexpr const char* op = "token_logprobs";
-  check_floating(op, "logits", logits_in);
-  check_labels(op, logits_in, labels_in);
-  check_temperature(temperature);
+  check_is_cuda(op, "logits", logits_in);
+  cpu::logprobs_checks::check_forward_args(op, logits_in, labels_in, temperature,
+                                           logits_in.device());
   const int64_t V = logits_in.size(-1);
   TORCH_CHECK_VALUE(V >= 1, "rlengine.token_logprobs: logits must have a vocabulary size >= 1");
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -168,26 +151,14 @@ void backward_into(const char* op, const at::Tensor& grad, const RowLayout& grad
   check_launch(op, launch_token_logprobs_backward(args, current_stream()));
 }
 
+// logits fix the device; then the shared checks.
 void check_backward_args(const char* op, const std::optional<at::Tensor>& grad_logprobs,
                          const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                          const at::Tensor& labels, const at::Tensor& logsumexp,
                          const at::Tensor& entropy, double temperature) {
-  check_floating(op, "logits", logits);
-  check_labels(op, logits, labels);
-  check_temperature(temperature);
-  const at::Device device = logits.device();
-  check_shape(op, "logsumexp", logsumexp, labels.sizes());
-  check_cuda(op, "logsumexp", logsumexp, device);
-  if (grad_logprobs) {
-    check_shape(op, "grad_logprobs", *grad_logprobs, labels.sizes());
-    check_cuda(op, "grad_logprobs", *grad_logprobs, device);
-  }
-  if (grad_entropy) {
-    check_shape(op, "grad_entropy", *grad_entropy, labels.sizes());
-    check_cuda(op, "grad_entropy", *grad_entropy, device);
-    check_shape(op, "entropy", entropy, labels.sizes());
-    check_cuda(op, "entropy", entropy, device);
-  }
+  check_is_cuda(op, "logits", logits);
+  cpu::logprobs_checks::check_backward_args(op, grad_logprobs, grad_entropy, logits, labels,
+                                            logsumexp, entropy, temperature, logits.device());
 }
 
 at::Tensor token_logprobs_backward_cuda(const std::optional<at::Tensor>& grad_logprobs,

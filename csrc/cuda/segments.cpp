@@ -11,30 +11,12 @@
 #include <string_view>
 #include <tuple>
 
+#include "cpu/segments_checks.h"
 #include "cuda/glue.h"
 #include "cuda/segments.h"
 
 namespace rlengine::cuda {
 namespace {
-
-SegmentReduction parse_reduce(const char* op, std::string_view reduce) {
-  if (reduce == "end_mean") return SegmentReduction::kEndMean;
-  if (reduce == "end") return SegmentReduction::kEnd;
-  if (reduce == "sum") return SegmentReduction::kSum;
-  if (reduce == "mean") return SegmentReduction::kMean;
-  TORCH_CHECK_VALUE(false, "rlengine.", op, ": reduce must be one of 'end_mean', 'end', 'sum', ",
-                    "'mean', got '", reduce, "'");
-  return SegmentReduction::kEndMean;  // unreachable
-}
-
-SegmentSpread parse_spread(const char* op, std::string_view spread) {
-  if (spread == "even") return SegmentSpread::kEven;
-  if (spread == "repeat") return SegmentSpread::kRepeat;
-  if (spread == "end") return SegmentSpread::kEnd;
-  TORCH_CHECK_VALUE(false, "rlengine.", op, ": spread must be one of 'even', 'repeat', 'end', ",
-                    "got '", spread, "'");
-  return SegmentSpread::kEven;  // unreachable
-}
 
 StridedInput strided(const at::Tensor& t) {
   return {t.const_data_ptr(), t.dim() >= 1 ? t.stride(0) : 0, t.dim() >= 2 ? t.stride(1) : 0};
@@ -46,17 +28,11 @@ void check_steps(const char* op, int64_t steps) {
                     "to ", INT_MAX, " positions, got ", steps);
 }
 
+// The shared checks, plus the row-length limit of the CUDA kernels.
 void check_segment_tensors(const char* op, const at::Tensor& segment_ids,
                            const at::Tensor& counts, int64_t B, int64_t T,
                            const at::Device& device) {
-  check_cuda(op, "segment_ids", segment_ids, device);
-  check_cuda(op, "counts", counts, device);
-  TORCH_CHECK_TYPE(segment_ids.scalar_type() == at::kLong, "rlengine.", op,
-                   ": segment_ids must be int64, got ", segment_ids.scalar_type());
-  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "rlengine.", op,
-                   ": counts must be int64, got ", counts.scalar_type());
-  check_shape(op, "segment_ids", segment_ids, {B, T});
-  check_shape(op, "counts", counts, {B});
+  cpu::segments_checks::check_segment_tensors(op, segment_ids, counts, B, T, device);
   check_steps(op, T);
 }
 
@@ -123,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_segments_cuda(const at::Tensor& entro
 at::Tensor segment_reduce_cuda(const at::Tensor& values, const at::Tensor& segment_ids,
                                const at::Tensor& counts, std::string_view reduce_name) {
   constexpr const char* op = "segment_reduce";
-  const SegmentReduction reduce = parse_reduce(op, reduce_name);
+  const SegmentReduction reduce = cpu::segments_checks::parse_reduce(op, reduce_name);
   check_floating(op, "values", values);
   check_dim(op, "values", values, 2);
   const int64_t B = values.size(0), T = values.size(1);
@@ -149,7 +125,7 @@ at::Tensor segment_reduce_backward_cuda(const at::Tensor& grad_in, const at::Ten
                                         const at::Tensor& counts, std::string_view reduce_name,
                                         at::ScalarType dtype) {
   constexpr const char* op = "segment_reduce_backward";
-  const SegmentReduction reduce = parse_reduce(op, reduce_name);
+  const SegmentReduction reduce = cpu::segments_checks::parse_reduce(op, reduce_name);
   check_floating(op, "grad", grad_in);
   check_floating(op, "dtype", dtype);
   check_dim(op, "segment_ids", segment_ids, 2);
@@ -179,50 +155,19 @@ at::Tensor segment_reduce_backward_cuda(const at::Tensor& grad_in, const at::Ten
 
 // ---- segment_rewards_to_dense ----------------------------------------------------------------
 
-DenseRuleArgs make_dense_rule(const char* op, std::optional<at::ArrayRef<double>> normalizer,
-                              std::string_view spread, double clamp) {
-  DenseRuleArgs rule;
-  rule.spread = parse_spread(op, spread);
-  TORCH_CHECK_VALUE(clamp > 0.0, "rlengine.", op, ": clamp must be > 0 (inf for no clamp), got ",
-                    clamp);
-  rule.clamped = std::isfinite(clamp);
-  rule.clamp = clamp;
-  if (normalizer.has_value()) {
-    const at::ArrayRef<double> n = *normalizer;
-    TORCH_CHECK_VALUE(n.size() == 4, "rlengine.", op, ": normalizer must be (a_mu, b_mu, ",
-                      "a_sigma, b_sigma), got ", n.size(), " numbers");
-    for (double x : n) {
-      TORCH_CHECK_VALUE(std::isfinite(x), "rlengine.", op, ": normalizer must be finite, got ",
-                        n);
-    }
-    rule.normalize = true;
-    rule.a_mu = n[0];
-    rule.b_mu = n[1];
-    rule.a_sigma = n[2];
-    rule.b_sigma = n[3];
-  }
-  return rule;
-}
-
+// segment_rewards fixes the device; the shared checks, plus the CUDA kernels' row-length limit.
 void check_dense_inputs(const char* op, const at::Tensor& segment_rewards,
                         const at::Tensor& segment_ids, const at::Tensor& counts,
                         const at::Tensor& mask) {
-  const at::Device device = segment_rewards.device();
-  check_cuda(op, "mask", mask, device);
-  check_floating(op, "segment_rewards", segment_rewards);
-  check_dim(op, "segment_rewards", segment_rewards, 2);
-  check_dim(op, "segment_ids", segment_ids, 2);
-  const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
-  check_segment_tensors(op, segment_ids, counts, B, T, device);
-  TORCH_CHECK_VALUE(segment_rewards.size(0) == B, "rlengine.", op,
-                    ": segment_rewards must have B = ", B, " rows (segment_ids.shape[0]), got ",
-                    segment_rewards.sizes());
-  check_bool(op, "mask", mask);
-  check_shape(op, "mask", mask, {B, T});
+  check_is_cuda(op, "segment_rewards", segment_rewards);
+  cpu::segments_checks::check_dense_inputs(op, segment_rewards, segment_ids, counts, mask,
+                                           segment_rewards.device());
+  check_steps(op, segment_ids.size(1));
 }
 
 DenseArgs dense_args(const at::Tensor& segment_rewards, const at::Tensor& segment_ids,
-                     const at::Tensor& counts, const at::Tensor& mask, const DenseRuleArgs& rule) {
+                     const at::Tensor& counts, const at::Tensor& mask,
+                     const DenseRuleParams& rule) {
   DenseArgs args;
   args.dtype = dtype_of(segment_rewards);
   args.segment_rewards = strided(segment_rewards);
@@ -240,7 +185,8 @@ at::Tensor segment_rewards_to_dense_cuda(const at::Tensor& segment_rewards,
                                          std::string_view spread, double clamp) {
   constexpr const char* op = "segment_rewards_to_dense";
   check_dense_inputs(op, segment_rewards, segment_ids, counts, mask);
-  const DenseRuleArgs rule = make_dense_rule(op, normalizer, spread, clamp);
+  const DenseRuleParams rule =
+      cpu::segments_checks::dense_rule_params(op, normalizer, spread, clamp);
   const c10::cuda::CUDAGuard guard(segment_rewards.device());
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
   at::Tensor dense =
@@ -265,7 +211,8 @@ at::Tensor segment_rewards_to_dense_backward_cuda(
   check_floating(op, "grad_rewards", grad_rewards_in);
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
   check_shape(op, "grad_rewards", grad_rewards_in, {B, T});
-  const DenseRuleArgs rule = make_dense_rule(op, normalizer, spread, clamp);
+  const DenseRuleParams rule =
+      cpu::segments_checks::dense_rule_params(op, normalizer, spread, clamp);
   const c10::cuda::CUDAGuard guard(segment_rewards.device());
   at::Tensor grad_segment = at::empty(segment_rewards.sizes(), segment_rewards.options());
   if (grad_segment.numel() == 0) return grad_segment;

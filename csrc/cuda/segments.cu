@@ -429,7 +429,7 @@ struct TokenReward {
 
 // Segment k of a row with K segments (location p = (k + 1) / K), `receivers` receiving tokens
 // (the even spread's divisor): the CPU kernel's DenseRule, in float64.
-__device__ TokenReward token_reward(const DenseRuleArgs& rule, double r, int64_t k, int64_t K,
+__device__ TokenReward token_reward(const DenseRuleParams& rule, double r, int64_t k, int64_t K,
                                     int64_t receivers) {
   double slope = 1.0;
   if (rule.normalize) {

@@ -12,6 +12,7 @@
 #pragma once
 
 #include "cuda/strided.h"
+#include "segment_rules.h"
 
 namespace rlengine::cuda {
 
@@ -40,8 +41,6 @@ int64_t entropy_segments_workspace_bytes(int64_t rows, int64_t steps);
 // rows * steps is 0 (the caller zeroes counts).
 cudaError_t launch_entropy_segments(const EntropySegmentsArgs& args, cudaStream_t stream);
 
-enum class SegmentReduction : int { kEndMean, kEnd, kSum, kMean };
-
 struct SegmentReduceArgs {
   DType dtype = DType::kFloat32;  // of values
   StridedInput values;            // [B, T]
@@ -68,24 +67,13 @@ cudaError_t launch_segment_reduce(const SegmentReduceArgs& args, cudaStream_t st
 cudaError_t launch_segment_reduce_backward(const SegmentReduceBackwardArgs& args,
                                            cudaStream_t stream);
 
-enum class SegmentSpread : int { kEven, kRepeat, kEnd };
-
-// What turns a segment's reward into its tokens' reward (segments.cpp's DenseRule on the CPU).
-struct DenseRuleArgs {
-  SegmentSpread spread = SegmentSpread::kEven;
-  bool normalize = false;
-  double a_mu = 0.0, b_mu = 0.0, a_sigma = 0.0, b_sigma = 0.0;
-  bool clamped = false;  // clamp = inf is no clamp
-  double clamp = 0.0;
-};
-
 struct DenseArgs {
   DType dtype = DType::kFloat32;  // of segment_rewards
   StridedInput segment_rewards;   // [B, Kmax]
   int64_t max_segments = 0;       // Kmax
   Segmentation segments;
   StridedInput mask;              // [B, T] bool: the positions that may receive reward
-  DenseRuleArgs rule;
+  DenseRuleParams rule;
   void* dense = nullptr;          // forward: [B, T] contiguous, fp32 (fp64 for fp64)
   StridedInput grad;              // backward: dL/d dense [B, T] in fp32 (fp64 for fp64)
   void* grad_segment = nullptr;   // backward: [B, Kmax] contiguous, in dtype

@@ -74,21 +74,28 @@ void launch(const char* op, MaskedStatsArgs& args, const at::Tensor& like) {
 
 // ---- masked_mean ------------------------------------------------------------------------------
 
-at::Tensor masked_mean_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
-                            std::optional<int64_t> dim_in) {
-  constexpr const char* op = "masked_mean";
+// masked_mean and masked_var: one reduction of x over the mask along dim (all of it when none).
+at::Tensor masked_reduction(const char* op, MaskedStatsOp kind, const at::Tensor& x_in,
+                            const at::Tensor& mask_in, std::optional<int64_t> dim_in,
+                            bool unbiased) {
   check_x_and_mask(op, x_in, mask_in);
   const auto dim = wrap_dim(op, x_in, dim_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor mask = mask_in.contiguous();
   at::Tensor out = at::empty(reduced_shape(x, dim), x.options().dtype(result_dtype(x)));
-  MaskedStatsArgs args = args_for(MaskedStatsOp::kMean, x, dim, mask);
+  MaskedStatsArgs args = args_for(kind, x, dim, mask);
   args.x = x.const_data_ptr();
   args.dtype = dtype_of(x);
+  args.unbiased = unbiased;
   args.out = out.mutable_data_ptr();
   launch(op, args, x);
   return out;
+}
+
+at::Tensor masked_mean_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
+                            std::optional<int64_t> dim_in) {
+  return masked_reduction("masked_mean", MaskedStatsOp::kMean, x_in, mask_in, dim_in, false);
 }
 
 at::Tensor masked_mean_backward_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
@@ -118,20 +125,7 @@ at::Tensor masked_mean_backward_cuda(const at::Tensor& grad_in, const at::Tensor
 
 at::Tensor masked_var_cuda(const at::Tensor& x_in, const at::Tensor& mask_in,
                            std::optional<int64_t> dim_in, bool unbiased) {
-  constexpr const char* op = "masked_var";
-  check_x_and_mask(op, x_in, mask_in);
-  const auto dim = wrap_dim(op, x_in, dim_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor out = at::empty(reduced_shape(x, dim), x.options().dtype(result_dtype(x)));
-  MaskedStatsArgs args = args_for(MaskedStatsOp::kVar, x, dim, mask);
-  args.x = x.const_data_ptr();
-  args.dtype = dtype_of(x);
-  args.unbiased = unbiased;
-  args.out = out.mutable_data_ptr();
-  launch(op, args, x);
-  return out;
+  return masked_reduction("masked_var", MaskedStatsOp::kVar, x_in, mask_in, dim_in, unbiased);
 }
 
 at::Tensor masked_var_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
