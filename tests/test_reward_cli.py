@@ -372,3 +372,19 @@ def test_data_files_with_an_entropy_model_folder_and_a_meta_set_file(tmp_path, c
                           "segment", "--steps", "1", "--threads", "1", "--progress", "false"],
                          capsys)
     assert code == 2 and "entropy_model" in err, err
+
+
+def test_defaults_that_need_the_synthetic_model_are_refused_for_other_models(tmp_path, capsys):
+    """The SFT policy is the default entropy model and meta-set sampler only where its tokens
+    are the reward model's (model synthetic) or its task is the data's (train synthetic)."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " yes", "rejected": " no"})
+                             + "\n" for i in range(8)))
+    code, _, err = _main(["--train", str(pairs), "--model", "tiny-llama", "--tokenizer", "train",
+                          "--metarm-eta", "0.05", "--meta-set", "synthetic", "--threads", "1"],
+                         capsys)
+    assert code == 2 and "meta_set 'synthetic'" in err and "train or model 'synthetic'" in err, err
+    code, _, err = _main(["--synthetic-pairs", "40", "--synthetic-eval-pairs", "10", "--model",
+                          "tiny-llama", "--tokenizer", "train", "--score-mode", "segment",
+                          "--threads", "1"], capsys)
+    assert code == 2 and "needs entropy_model" in err and "reward model's tokenizer" in err, err
