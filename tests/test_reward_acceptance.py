@@ -24,7 +24,8 @@ def test_acceptance_script_small(tmp_path, capsys):
     (run,) = result["runs"]
     expected = {"strength_auc", "strength_negative_share", "lowest_decile_flipped_share",
                 "lowest_decile_rm", "plain_bt", "soft_margin", "flip_soft_margin", "bandit_rm",
-                "segment_rm", "token_rm"}
+                "segment_rm", "token_rm", "bandit_rm_untrained", "segment_rm_untrained",
+                "token_rm_untrained"}
     assert expected <= set(run)
     for key in expected:
         assert 0.0 <= run[key] <= 1.0, key

@@ -8,8 +8,8 @@ Per seed s (task seed 0; data, voters and training seeded by s):
   mu decile alone, scored on gold-labelled validation pairs.
 - denoise: plain BT, soft label (mu < 0) + adaptive margin mu, and flip lowest 10% + soft label
   + margin, held-out accuracy against gold labels.
-- segment: BT on segment scores (entropy segmentation by the SFT policy) against the bandit
-  readout at EOS, on the same noisy labels.
+- segment: BT on segment scores (entropy segmentation by the SFT policy), token-mean scores and
+  the bandit readout at EOS, each before and after training on the same noisy labels.
 Prints a table and, with --json, writes every number.
 """
 
@@ -51,12 +51,18 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
     def make_model(m: int = 0) -> RewardModel:
         return seeded_reward_model(task.make_reward_backbone(from_policy=policy), 97 * seed + m)
 
-    def train(train_pairs: Sequence[PreferencePair], **options) -> float:
+    def trainer_for(train_pairs: Sequence[PreferencePair], **options) -> RewardTrainer:
         config = dataclasses.replace(BASE, seed=seed, **{"steps": steps, **options})
         kwargs = {"entropy_model": policy} if config.score_mode == "segment" else {}
-        trainer = RewardTrainer(make_model(), task.tokenizer, train_pairs, config,
-                                eval_sets={"clean": clean_val}, log=lambda *_: None, **kwargs)
-        return trainer.train().metrics["clean"]["accuracy"]
+        return RewardTrainer(make_model(), task.tokenizer, train_pairs, config,
+                             eval_sets={"clean": clean_val}, log=lambda *_: None, **kwargs)
+
+    def train(train_pairs: Sequence[PreferencePair], **options) -> float:
+        return trainer_for(train_pairs, **options).train().metrics["clean"]["accuracy"]
+
+    def untrained(**options) -> float:
+        # The same model before its first step: what "training improves accuracy" is against.
+        return trainer_for(noisy, **options).evaluate()["clean"]["accuracy"]
 
     def note(key: str, value: float) -> None:
         out[key] = value
@@ -85,9 +91,10 @@ def run_seed(task: SyntheticTask, policy, seed: int, *, parts: Sequence[str], pa
         note("flip_soft_margin", train(annotated, margin="strength", label_smoothing=smoothing,
                                        smoothing_on="negative_strength", flip_lowest=0.1))
     if "segment" in parts:
-        note("bandit_rm", train(noisy, score_mode="last"))
-        note("segment_rm", train(noisy, score_mode="segment"))
-        note("token_rm", train(noisy, score_mode="token_mean"))
+        for mode, key in (("last", "bandit_rm"), ("segment", "segment_rm"),
+                          ("token_mean", "token_rm")):
+            note(f"{key}_untrained", untrained(score_mode=mode))
+            note(key, train(noisy, score_mode=mode))
     return out
 
 
