@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlengine.reward import commands as reward_commands
 
     reward_commands.add_parsers(commands)
+    from rlengine.reward.active import commands as active_commands
+
+    active_commands.add_parsers(commands)
     return parser
 
 
