@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlengine.reward import commands as reward_commands
 
     reward_commands.add_parsers(commands)
+    from rlengine.policy import commands as policy_commands
+
+    policy_commands.add_parsers(commands)
     return parser
 
 
