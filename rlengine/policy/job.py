@@ -105,15 +105,6 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
     task = synthetic_task(config.synthetic_task_seed) \
         if synthetic_data or config.model == SYNTHETIC else None
 
-    if config.model == SYNTHETIC:
-        if config.tokenizer:
-            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
-                              f"{config.tokenizer!r} cannot be used with it")
-        policy, tokenizer = task.sft_policy(), task.tokenizer
-    else:
-        policy = load_causal_lm(config.model, "model")
-        tokenizer = _load_tokenizer(config.tokenizer or config.model)
-
     if synthetic_data:
         if config.synthetic_dataset_responses:
             queries = task.ranked_examples(config.synthetic_queries,
@@ -132,6 +123,16 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
                                limit=config.limit)
     if config.response_files:
         queries = add_response_files(queries, config.response_files, log)
+
+    # after the data, whose errors are cheap to find; the synthetic policy trains for seconds
+    if config.model == SYNTHETIC:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        policy, tokenizer = task.sft_policy(), task.tokenizer
+    else:
+        policy = load_causal_lm(config.model, "model")
+        tokenizer = _load_tokenizer(config.tokenizer or config.model)
 
     reward = config.reward
     if reward == "auto":
