@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +43,18 @@ from rlengine.policy.rrhf_config import RRHFConfig
 from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
+from rlengine.training.loop import (
+    adamw_with_schedule,
+    autocast_dtype,
+    data_parallel,
+    open_checkpoints,
+    progress_bar,
+    reduce_step_record,
+    refuse_resume,
+    resume_conflicts,
+    step_seed,
+)
 from rlengine.training.metrics import MetricsLogger
-from rlengine.training.schedules import make_scheduler
 
 RewardFunction = Callable[[Text, str, bool], float]
 
@@ -165,10 +174,6 @@ class _PolicyLogprobs(torch.nn.Module):
                                  kernels=self.kernels)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
-
-
 @dataclass
 class RRHFResult:
     """``history``: every logged record; ``evaluations``: the evaluation records (step, round
@@ -270,22 +275,10 @@ class RRHFTrainer:
                                            else reference_model).to(self.device).eval()
             self.reference.requires_grad_(False)
         self.module = _PolicyLogprobs(self.policy, kernels)
-        self.wrapped: torch.nn.Module = self.module
-        if self.dist.enabled:
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad], lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-            weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.schedule,
-                                        warmup_steps=config.warmup_steps,
-                                        total_steps=self.total_steps,
-                                        min_ratio=config.min_lr_ratio)
-        self.autocast_dtype = None
-        if config.mixed_precision == "bf16" or (config.mixed_precision == "auto"
-                                                and self.device.type == "cuda"):
-            self.autocast_dtype = torch.bfloat16
+        self.wrapped = data_parallel(self.module, self.dist)
+        self.optimizer, self.scheduler = adamw_with_schedule(self.policy.parameters(), config,
+                                                             self.total_steps)
+        self.autocast_dtype = autocast_dtype(config.mixed_precision, self.device)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -496,7 +489,7 @@ class RRHFTrainer:
 
     def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        torch.manual_seed(_step_seed(cfg.seed, step, self.dist.rank))
+        torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -516,13 +509,7 @@ class RRHFTrainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        names = [key for key in sums if key != "tokens"]
-        packed = torch.stack([sums[key].double() for key in [*names, "tokens"]])
-        self.dist.all_reduce_sum(packed)
-        values = packed.tolist()
-        tokens = values.pop()
-        scale = cfg.grad_accum * self.dist.world_size
-        record = {f"train/{key}": value / scale for key, value in zip(names, values)}
+        record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
         record["train/lr"] = lr
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)
@@ -551,17 +538,9 @@ class RRHFTrainer:
     def train(self) -> RRHFResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.keep_checkpoints) \
-            if cfg.output_dir else None
-        resumed_from = None
-        if checkpoints is not None:
-            latest = checkpoints.latest()
-            if latest is not None and cfg.resume:
-                resumed_from = self.load_checkpoint(latest)
-                self.log(f"resumed from {latest} (step {resumed_from} of {self.total_steps})")
-            elif latest is not None and self.dist.is_main:
-                shutil.rmtree(checkpoints.root, ignore_errors=True)
-            self.dist.barrier()
+        checkpoints, resumed_from = open_checkpoints(
+            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
+            load=self.load_checkpoint, log=self.log, total_steps=self.total_steps)
         logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
                                enabled=self.dist.is_main, resume_step=resumed_from)
         if self.dist.is_main and cfg.output_dir:
@@ -571,7 +550,8 @@ class RRHFTrainer:
                      f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
                      f"{cfg.policy_samples} policy sample(s) per query per round, "
                      f"{self.dist.world_size} process(es) on {self.device}")
-        progress = _progress(cfg.progress and self.dist.is_main, self.total_steps, self.step)
+        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
+                                "rrhf")
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
             if self.step == 0:
@@ -634,15 +614,10 @@ class RRHFTrainer:
     def load_checkpoint(self, path: str | Path) -> int:
         state = CheckpointManager.load(path)
         saved = state["config"]
-        changed = [f"{key}: {saved.get(key)!r} -> {getattr(self.config, key)!r}"
-                   for key in RRHFConfig.RESUME_INVARIANT
-                   if saved.get(key) != getattr(self.config, key)]
+        changed = resume_conflicts(saved, self.config, RRHFConfig.RESUME_INVARIANT)
         if state["queries"] != len(self.queries):
             changed.append(f"queries: {state['queries']} -> {len(self.queries)}")
-        if changed:
-            raise ValueError(f"cannot resume from {path}: the run's options changed "
-                             f"({'; '.join(changed)}); use another output_dir, or resume=false "
-                             f"to start over")
+        refuse_resume(path, changed)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -678,17 +653,3 @@ def _candidate_stats(candidates: list[list[Candidate]]) -> dict[str, float]:
         stats["policy_sample_terminated"] = sum(c.terminated for c in sampled) / len(sampled)
     return stats
 
-
-class _NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="rrhf", unit="step", dynamic_ncols=True,
-                mininterval=1.0)
