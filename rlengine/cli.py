@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlengine.reward.active import commands as active_commands
 
     active_commands.add_parsers(commands)
+    from rlengine.policy import commands as policy_commands
+
+    policy_commands.add_parsers(commands)
     return parser
 
 

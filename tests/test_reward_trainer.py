@@ -21,10 +21,11 @@ from rlengine.reward.denoise import prepare_pairs
 from rlengine.reward.losses import metarm_difference_objective, simcse_loss, swav_loss
 from rlengine.reward.metarm import MetaAscent, metarm_step
 from rlengine.reward.model import RewardModel
-from rlengine.reward.trainer import RewardTrainer, _step_seed, pair_metrics
+from rlengine.reward.trainer import RewardTrainer, pair_metrics
 from rlengine.synthetic import SyntheticTask
 from rlengine.synthetic.models import ModelConfig
 from rlengine.training import CheckpointManager
+from rlengine.training.loop import step_seed
 from rlengine.training.metrics import read_metrics
 from rlengine.training.schedules import lr_multiplier
 
@@ -253,7 +254,7 @@ def test_trainer_metarm_uses_the_lifted_gradient_and_logs_j():
             if g is not None:
                 p.add_(g, alpha=eta)
     reference.module.train()
-    torch.manual_seed(_step_seed(0, 0, 0))
+    torch.manual_seed(step_seed(0, 0, 0))
     loss, _ = reference._micro_loss(reference._micro_batches(0)[0])
     expected = torch.autograd.grad(loss, list(reference.module.parameters()), allow_unused=True)
 
@@ -499,7 +500,7 @@ def test_optimized_loss_matches_reference(case):
     assert indices == trainer._step_indices(0)
     # the step's dropout stream, replayed on the initial parameters
     initial.train()
-    torch.manual_seed(_step_seed(config.seed, 0, 0))
+    torch.manual_seed(step_seed(config.seed, 0, 0))
     with torch.no_grad():
         expected, expected_parts = _reference_loss(initial, trainer, indices)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)

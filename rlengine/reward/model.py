@@ -64,15 +64,21 @@ class RewardModel(torch.nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> RewardOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> RewardOutput:
+        """``position_ids`` (optional, [B, T]): give them for left-padded rows (rollouts), so
+        that a backbone with learned absolute positions (GPT-2) sees the positions it saw
+        during generation; None lets the backbone count from 0 at the first column."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape "
                              f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}")
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
+                               position_ids=position_ids, use_cache=False).last_hidden_state
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return RewardOutput(values=values.float(), hidden_states=hidden)
 

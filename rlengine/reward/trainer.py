@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,18 @@ from rlengine.reward.metarm import MetaAscent
 from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
+from rlengine.training.loop import (
+    adamw_with_schedule,
+    autocast_dtype,
+    data_parallel,
+    open_checkpoints,
+    progress_bar,
+    reduce_step_record,
+    refuse_resume,
+    resume_conflicts,
+    step_seed,
+)
 from rlengine.training.metrics import MetricsLogger
-from rlengine.training.schedules import make_scheduler
 
 MetaPrompt = tuple[Text, Sequence[Text]]
 
@@ -70,11 +79,6 @@ class _TrainModule(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.reward_model(input_ids, attention_mask)
         return out.values, out.hidden_states
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    # Distinct, reproducible dropout streams per (seed, step, process).
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
 class RewardTrainer:
@@ -167,22 +171,10 @@ class RewardTrainer:
                 F.normalize(torch.randn(config.swav_prototypes, hidden, generator=generator),
                             dim=-1).to(self.device))
         self.module = _TrainModule(self.model, prototypes)
-        self.wrapped = self.module
-        if self.dist.enabled:
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.module.parameters() if p.requires_grad], lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-            weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.schedule,
-                                        warmup_steps=config.warmup_steps,
-                                        total_steps=self.total_steps,
-                                        min_ratio=config.min_lr_ratio)
-        self.autocast_dtype = None
-        if config.mixed_precision == "bf16" or (config.mixed_precision == "auto"
-                                                and self.device.type == "cuda"):
-            self.autocast_dtype = torch.bfloat16
+        self.wrapped = data_parallel(self.module, self.dist)
+        self.optimizer, self.scheduler = adamw_with_schedule(self.module.parameters(), config,
+                                                             self.total_steps)
+        self.autocast_dtype = autocast_dtype(config.mixed_precision, self.device)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._epoch_order: tuple[int, torch.Tensor] | None = None
@@ -346,7 +338,7 @@ class RewardTrainer:
 
     def _train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        torch.manual_seed(_step_seed(cfg.seed, step, self.dist.rank))
+        torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -377,13 +369,7 @@ class RewardTrainer:
         self.optimizer.step()
         self.scheduler.step()
         # every logged number in one tensor: one copy to the host, one all-reduce
-        names = [key for key in sums if key != "tokens"]
-        packed = torch.stack([sums[key].double() for key in [*names, "tokens"]])
-        self.dist.all_reduce_sum(packed)
-        values = packed.tolist()
-        tokens = values.pop()
-        scale = cfg.grad_accum * self.dist.world_size
-        record = {f"train/{key}": value / scale for key, value in zip(names, values)}
+        record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
         if isinstance(ascent, MetaAscent):
             record["train/metarm_objective"] = ascent.value
         record["train/lr"] = lr
@@ -395,17 +381,9 @@ class RewardTrainer:
     def train(self) -> RewardTrainResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.keep_checkpoints) \
-            if cfg.output_dir else None
-        resumed_from = None
-        if checkpoints is not None:
-            latest = checkpoints.latest()
-            if latest is not None and cfg.resume:
-                resumed_from = self.load_checkpoint(latest)
-                self.log(f"resumed from {latest} (step {resumed_from} of {self.total_steps})")
-            elif latest is not None and self.dist.is_main:
-                shutil.rmtree(checkpoints.root, ignore_errors=True)
-            self.dist.barrier()
+        checkpoints, resumed_from = open_checkpoints(
+            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
+            load=self.load_checkpoint, log=self.log, total_steps=self.total_steps)
         logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
                                enabled=self.dist.is_main, resume_step=resumed_from)
         if self.dist.is_main and cfg.output_dir:
@@ -415,7 +393,8 @@ class RewardTrainer:
                      f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
                      f"{self.train_data.truncation}), {self.total_steps} steps of "
                      f"{cfg.batch_size}, {self.dist.world_size} process(es) on {self.device}")
-        progress = _progress(cfg.progress and self.dist.is_main, self.total_steps, self.step)
+        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
+                                "reward model")
         metrics: dict[str, dict[str, float]] = {}
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
@@ -516,15 +495,10 @@ class RewardTrainer:
     def load_checkpoint(self, path: str | Path) -> int:
         state = CheckpointManager.load(path)
         saved = state["config"]
-        changed = [f"{key}: {saved.get(key)!r} -> {getattr(self.config, key)!r}"
-                   for key in RewardTrainerConfig.RESUME_INVARIANT
-                   if saved.get(key) != getattr(self.config, key)]
+        changed = resume_conflicts(saved, self.config, RewardTrainerConfig.RESUME_INVARIANT)
         if state["train_pairs"] != len(self.train_data):
             changed.append(f"training pairs: {state['train_pairs']} -> {len(self.train_data)}")
-        if changed:
-            raise ValueError(f"cannot resume from {path}: the run's options changed "
-                             f"({'; '.join(changed)}); use another output_dir, or resume=false "
-                             f"to start over")
+        refuse_resume(path, changed)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -566,17 +540,3 @@ def _has_dropout(model: torch.nn.Module) -> bool:
              "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
     return any(float(getattr(config, n, 0) or 0) > 0 for n in names)
 
-
-class _NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="reward model", unit="step",
-                dynamic_ncols=True, mininterval=1.0)

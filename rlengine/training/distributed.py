@@ -36,6 +36,14 @@ class DistributedContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_gather_object(self, value) -> list:
+        """Every process's ``value``, in rank order (``[value]`` when there is one process)."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def broadcast_object(self, value):
         """Rank 0's ``value`` on every process."""
         if not self.enabled:

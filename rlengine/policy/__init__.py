@@ -1,0 +1,54 @@
+"""Policy optimization (METHODS.md sections 3-5): rollouts and log-probs through the engine's
+kernels, per-token rewards (bandit, token-level, segment-dense with the location-aware
+normalizer, gold functions; KL shaping and controllers), and RRHF."""
+
+from rlengine.policy.normalizer import (
+    LocationNormalizer,
+    collect_segment_rewards,
+    huber_line_fit,
+    location_statistics,
+)
+from rlengine.policy.rewards import (
+    AdaptiveKLController,
+    FixedKLController,
+    FunctionRewards,
+    RewardModelRewards,
+    RolloutRewards,
+    Segments,
+    apply_eos_penalty,
+    bandit_rewards,
+    clip_rewards,
+    kl_estimate,
+    kl_shaped_rewards,
+    make_kl_controller,
+    segment_dense_rewards,
+    segment_rewards,
+    sequence_rewards_at_last_token,
+    token_level_rewards,
+    whiten_rewards,
+)
+from rlengine.policy.rollout import (
+    Rollout,
+    SamplingConfig,
+    critic_values,
+    diverse_beam_search,
+    generate_rollout,
+    make_critic,
+    next_token_entropy,
+    response_logprobs,
+    sequence_logprobs,
+)
+from rlengine.policy.rrhf import RRHFLoss, RRHFResult, RRHFTrainer, rrhf_loss
+from rlengine.policy.rrhf_config import RRHFConfig
+
+__all__ = [
+    "AdaptiveKLController", "FixedKLController", "FunctionRewards", "LocationNormalizer",
+    "RRHFConfig", "RRHFLoss", "RRHFResult", "RRHFTrainer", "RewardModelRewards", "Rollout",
+    "RolloutRewards", "SamplingConfig", "Segments", "apply_eos_penalty", "bandit_rewards",
+    "clip_rewards", "collect_segment_rewards", "critic_values", "diverse_beam_search",
+    "generate_rollout", "huber_line_fit", "kl_estimate", "kl_shaped_rewards",
+    "location_statistics", "make_critic", "make_kl_controller", "next_token_entropy",
+    "response_logprobs", "rrhf_loss", "segment_dense_rewards", "segment_rewards",
+    "sequence_logprobs", "sequence_rewards_at_last_token", "token_level_rewards",
+    "whiten_rewards",
+]

@@ -1,0 +1,129 @@
+"""`rlengine rrhf` and `rlengine fit-normalizer`: a YAML config (``--config``) and one flag per
+option that overrides it. `rrhf` runs as one process or under torchrun (DDP: gloo on the CPU,
+NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rlengine import configs
+from rlengine.policy.job import (
+    SYNTHETIC,
+    NormalizerJobConfig,
+    RRHFJobConfig,
+    build_rrhf_job,
+    run_fit_normalizer,
+)
+from rlengine.policy.rrhf_config import RRHFConfig
+from rlengine.reward.commands import _is_main_process, _shut_down_process_group
+
+# The tiny synthetic policy wants a far larger step than the paper's 7B models, and its
+# default run should show RRHF's effect in about a minute on one thread.
+SYNTHETIC_DEFAULTS = {"lr": 1e-3, "max_new_tokens": 12, "rounds": 4, "epochs": 2.0}
+
+
+def add_parsers(commands) -> None:
+    rrhf = commands.add_parser(
+        "rrhf", help="train a policy with RRHF (ranked candidates + SFT on the best)",
+        description="RRHF: each round samples candidates from the current policy (sampling or "
+                    "diverse beam search), adds the data's responses (chosen/rejected, ranked "
+                    "responses, other models' response files), scores them with the gold "
+                    "reward, a reward model or the data's scores, and trains on the ranking "
+                    "loss plus SFT on each query's best candidate. With no data options it runs "
+                    "the built-in synthetic task: the SFT policy, the gold reward, a few rounds, "
+                    "and the held-out gold reward after each. Options come from --config (YAML), "
+                    "then from the flags below. Writes checkpoints, metrics.jsonl (and "
+                    "TensorBoard logs), the final policy and final_metrics.json to "
+                    "--output-dir, and resumes from its newest checkpoint when run again. Data "
+                    "parallel: `torchrun --nproc-per-node N -m rlengine.cli rrhf ...` "
+                    "(queries_per_step is the global batch).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rrhf.add_argument("--config", metavar="YAML", default=None,
+                      help="a YAML file of option: value (any option below, with _ or -)")
+    rrhf.add_argument("--print-config", action="store_true",
+                      help="print the resolved configuration and exit")
+    configs.add_arguments(rrhf, RRHFJobConfig, group="data, policy and reward")
+    configs.add_arguments(rrhf, RRHFConfig, group="training")
+    rrhf.set_defaults(run=run_rrhf)
+
+    fit = commands.add_parser(
+        "fit-normalizer", help="fit the location-aware normalizer of segment rewards",
+        description="Segment every fitting response by the entropy model's next-token "
+                    "entropies (threshold c), read the reward model's value at each segment "
+                    "end, and fit mu(p) and sigma(p) of the rewards at location p = k/K by "
+                    "Huber regression on log p (METHODS.md section 3). Writes {a_mu, b_mu, "
+                    "a_sigma, b_sigma, threshold, model, n} as JSON to --output; PPO's segment "
+                    "rewards load it. Refit for every reward model and threshold.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit.add_argument("--config", metavar="YAML", default=None,
+                     help="a YAML file of option: value (any option below, with _ or -)")
+    fit.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration and exit")
+    configs.add_arguments(fit, NormalizerJobConfig)
+    fit.set_defaults(run=run_fit_normalizer_command)
+
+
+def resolve_rrhf(args: argparse.Namespace) -> tuple[RRHFJobConfig, RRHFConfig]:
+    (job, trainer), given = configs.from_sources([RRHFJobConfig, RRHFConfig], args,
+                                                 config_path=args.config)
+    if job.model == SYNTHETIC:
+        for name, value in SYNTHETIC_DEFAULTS.items():
+            if name not in given:
+                setattr(trainer, name, value)
+    return job, trainer
+
+
+def run_rrhf(args: argparse.Namespace) -> int:
+    from rlengine.policy.rrhf import RRHFTrainer
+
+    job_config, config = resolve_rrhf(args)
+    main = _is_main_process()
+    if args.print_config:
+        if main:
+            print(configs.to_yaml(job_config) + configs.to_yaml(config), end="")
+        return 0
+    log = print if main else (lambda *_: None)
+    if not (config.progress and main):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    job = build_rrhf_job(job_config, policy_samples=config.policy_samples, log=log)
+    try:
+        trainer = RRHFTrainer(job.policy, job.tokenizer, job.queries, config,
+                              device=job_config.device, log=log, **job.trainer_kwargs)
+    except ValueError as error:
+        raise configs.ConfigError(str(error)) from None
+    result = trainer.train()
+    if trainer.dist.is_main:
+        evaluations = result.evaluations
+        if len(evaluations) >= 2:
+            first, last = evaluations[0], evaluations[-1]
+            for key in first:
+                if key.startswith("eval/") and key != "eval/round":
+                    print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
+                          f"{last[key]:.4f} after {last['eval/round']} round(s)")
+        if result.model_dir:
+            print(f"policy: {result.model_dir}")
+        if config.output_dir:
+            # written last: its presence marks a finished run
+            (Path(config.output_dir) / "final_metrics.json").write_text(json.dumps(
+                {"steps": result.steps, "evaluations": evaluations}, indent=2) + "\n")
+    _shut_down_process_group()
+    return 0
+
+
+def run_fit_normalizer_command(args: argparse.Namespace) -> int:
+    (config,), _ = configs.from_sources([NormalizerJobConfig], args, config_path=args.config)
+    if args.print_config:
+        print(configs.to_yaml(config), end="")
+        return 0
+    normalizer, locations, _ = run_fit_normalizer(config)
+    print(f"fitted on {len(locations)} segments at {len(set(locations.tolist()))} locations")
+    print(f"mu(p)    = {normalizer.a_mu:.4f} log p + {normalizer.b_mu:.4f}")
+    print(f"sigma(p) = {normalizer.a_sigma:.4f} log p + {normalizer.b_sigma:.4f}")
+    for p in (0.1, 0.5, 1.0):
+        print(f"  p = {p}: mu {normalizer.mu(p):.4f}, sigma {normalizer.sigma(p):.4f}")
+    print(f"written to {config.output}")
+    return 0

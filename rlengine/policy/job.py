@@ -1,0 +1,397 @@
+"""What an RRHF run or a normalizer fit works on, named by a config and built into objects: the
+`rlengine rrhf` and `rlengine fit-normalizer` commands are these plus the trainer / the fit.
+
+Data (RRHF queries): ``synthetic`` (the built-in task: prompts, each with noisy-expert
+responses as the data set's candidates, and the gold reward) or a file / datasets folder:
+prompts ``{prompt}``, pairs ``{prompt, chosen, rejected}`` (both responses become candidates),
+ranked ``{prompt, responses, scores}`` or samples ``{prompt, responses}``. Response files of
+other models (``{prompt, responses}`` rows) add candidates to the queries with the same prompt.
+
+Policy: ``synthetic`` (the task's SFT policy) or a local causal-LM folder with its tokenizer.
+Reward: the synthetic task's gold reward, a RewardModel folder (written by `rlengine
+train-rm`; it must share the policy's tokenizer), or the data's own scores.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlengine.configs import ConfigError, option
+from rlengine.data.loaders import load_preferences, load_prompts, load_ranked, load_samples
+from rlengine.data.sources import iter_rows
+from rlengine.data.tokenizer import load_tokenizer
+from rlengine.data.types import RankedExample, Text
+
+SYNTHETIC = "synthetic"
+DataFormat = Literal["auto", "prompts", "pairs", "ranked", "samples"]
+
+
+@dataclass
+class RRHFJobConfig:
+    model: str = option(SYNTHETIC, "the policy: 'synthetic' (the task's SFT policy) or a local "
+                                   "causal-LM folder (with its tokenizer)")
+    tokenizer: str | None = option(None, "a local tokenizer folder (default: the model's own)")
+    data: str = option(SYNTHETIC, "queries: 'synthetic' or a .jsonl/.json/.parquet file or "
+                                  "datasets folder of prompts, pairs, ranked or sampled responses")
+    data_format: DataFormat = option("auto", "what data holds (auto: by the first row's fields: "
+                                             "responses + scores = ranked, responses = samples, "
+                                             "chosen = pairs, else prompts)")
+    response_files: list[str] = option([], "files of other models' responses ({prompt, "
+                                           "responses} rows), added as candidates to the "
+                                           "queries with the same prompt")
+    reward: Literal["auto", "gold", "model", "dataset"] = option(
+        "auto", "candidate rewards: gold (the synthetic task's), model (reward_model), dataset "
+                "(the ranked data's scores, no policy samples); auto: gold on synthetic data, "
+                "else model if reward_model is set, else dataset")
+    reward_model: str | None = option(None, "a RewardModel folder (rlengine train-rm's "
+                                            "output/model) sharing the policy's tokenizer")
+    reward_score_mode: Literal["last", "token_mean"] = option(
+        "last", "the reward model's read-out: the value at the last token, or the mean over "
+                "the response without EOS")
+    limit: int | None = option(None, "use only the first N queries")
+    split: str | None = option(None, "split to read from a DatasetDict folder")
+    synthetic_task_seed: int = option(0, "synthetic: the task's seed")
+    synthetic_queries: int = option(256, "synthetic: training prompts")
+    synthetic_dataset_responses: int = option(2, "synthetic: noisy-expert responses per prompt "
+                                                 "(the data set's candidates, like HH's chosen "
+                                                 "and rejected; 0: policy samples only)")
+    synthetic_eval_prompts: int = option(200, "synthetic: held-out prompts for the gold-reward "
+                                              "evaluation after every round")
+    data_seed: int = option(0, "seed of the synthetic data")
+    kernels: Literal["engine", "reference"] = option(
+        "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
+
+    def __post_init__(self) -> None:
+        for name in ("synthetic_queries", "synthetic_eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.synthetic_dataset_responses < 0:
+            raise ValueError(f"synthetic_dataset_responses must be >= 0, got "
+                             f"{self.synthetic_dataset_responses}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class RRHFJob:
+    """Everything RRHFTrainer needs besides its config."""
+
+    policy: torch.nn.Module
+    tokenizer: Any
+    queries: list[Any]
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    task: Any = None
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_task(seed: int):
+    """One task object per seed and process (its SFT policy is cached per object)."""
+    from rlengine.synthetic import SyntheticTask
+
+    return SyntheticTask(seed)
+
+
+def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> RRHFJob:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    synthetic_data = config.data == SYNTHETIC
+    task = synthetic_task(config.synthetic_task_seed) \
+        if synthetic_data or config.model == SYNTHETIC else None
+
+    if synthetic_data:
+        if config.synthetic_dataset_responses:
+            queries = task.ranked_examples(config.synthetic_queries,
+                                           k=max(config.synthetic_dataset_responses, 2),
+                                           seed=config.data_seed + 1)
+            for q in queries:
+                q.responses = q.responses[:config.synthetic_dataset_responses]
+                q.scores = q.scores[:config.synthetic_dataset_responses]
+        else:
+            queries = [RankedExample(p, [], []) for p in
+                       task.prompts(config.synthetic_queries, seed=config.data_seed + 1)]
+        if config.limit:
+            queries = queries[:config.limit]
+    else:
+        queries = load_queries(config.data, config.data_format, split=config.split,
+                               limit=config.limit)
+    if config.response_files:
+        queries = add_response_files(queries, config.response_files, log)
+
+    # after the data, whose errors are cheap to find; the synthetic policy trains for seconds
+    if config.model == SYNTHETIC:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        policy, tokenizer = task.sft_policy(), task.tokenizer
+    else:
+        policy = load_causal_lm(config.model, "model")
+        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+
+    reward = config.reward
+    if reward == "auto":
+        reward = "gold" if synthetic_data else ("model" if config.reward_model else "dataset")
+    kwargs: dict[str, Any] = {}
+    if reward == "gold":
+        if task is None or not synthetic_data:
+            raise ConfigError("reward 'gold' is the synthetic task's: it needs data 'synthetic'")
+        kwargs["reward_fn"] = functools.partial(_gold, task)
+    elif reward == "model":
+        if not config.reward_model:
+            raise ConfigError("reward 'model' needs reward_model: a RewardModel folder")
+        from rlengine.reward.model import RewardModel
+
+        path = Path(config.reward_model)
+        if not path.is_dir():
+            raise ConfigError(f"reward_model {path} is not a folder")
+        try:
+            kwargs["reward_model"] = RewardModel.load(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"reward_model: {error}") from None
+        kwargs["reward_score_mode"] = config.reward_score_mode
+    else:
+        if policy_samples:
+            raise ConfigError("reward 'dataset' scores only the data's own responses: policy "
+                              "samples need reward 'gold' or 'model' (or set policy_samples 0)")
+        missing = [i for i, q in enumerate(queries) if not isinstance(q, RankedExample)
+                   or len(q.responses) < 2]
+        if missing:
+            raise ConfigError(f"reward 'dataset' needs ranked data (2+ scored responses per "
+                              f"prompt); query {missing[0]} has fewer")
+    if synthetic_data:
+        heldout = task.prompts(config.synthetic_eval_prompts, seed=config.data_seed + 900)
+        kwargs["evaluate"] = functools.partial(evaluate_synthetic, task, heldout,
+                                               seed=config.data_seed)
+        log(f"synthetic task: {len(queries)} training prompts with "
+            f"{config.synthetic_dataset_responses} noisy-expert response(s) each, gold reward, "
+            f"{len(heldout)} held-out prompts for evaluation")
+    kwargs["kernels"] = config.kernels
+    return RRHFJob(policy, tokenizer, queries, kwargs, task)
+
+
+def _gold(task, prompt: str, response: str, terminated: bool) -> float:
+    return task.gold_reward(prompt, response, terminated=terminated)
+
+
+def evaluate_synthetic(task, prompts: list[str], policy, *, seed: int = 0) -> dict[str, float]:
+    """The policy's mean gold reward on held-out prompts, greedy and sampled (temperature 1),
+    and the share of perfect greedy answers."""
+    greedy = task.evaluate_policy(policy, prompts, greedy=True)
+    sampled = task.evaluate_policy(policy, prompts, greedy=False, seed=seed + 17)
+    return {"gold_reward_greedy": greedy["mean_gold_reward"],
+            "gold_reward_sampled": sampled["mean_gold_reward"],
+            "perfect_greedy": greedy["perfect"]}
+
+
+def detect_format(source: str, split: str | None = None) -> str:
+    """prompts / pairs / ranked / samples, by the fields of the first row."""
+    for row in _rows(source, split):
+        data = row.data if not isinstance(row, Exception) else None
+        if not isinstance(data, dict):
+            break
+        if "responses" in data:
+            return "ranked" if "scores" in data else "samples"
+        if "chosen" in data and "rejected" in data:
+            return "pairs"
+        return "prompts"
+    raise ConfigError(f"{source}: cannot tell the data format from the first row; set "
+                      f"data_format")
+
+
+def _rows(source: str, split: str | None):
+    if not Path(source).exists():
+        raise ConfigError(f"data {source!r} is neither 'synthetic' nor an existing file or "
+                          f"folder")
+    try:
+        yield from iter_rows(source, split=split)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def load_queries(source: str, data_format: str, *, split: str | None = None,
+                 limit: int | None = None) -> list[RankedExample]:
+    """Queries as RankedExamples (prompt + fixed candidates, scores NaN where the data has
+    none)."""
+    if data_format == "auto":
+        data_format = detect_format(source, split)
+    else:
+        next(iter(_rows(source, split)), None)  # a missing file is a ConfigError
+    nan = float("nan")
+    if data_format == "prompts":
+        return [RankedExample(p.prompt, [], [], p.source, p.extra)
+                for p in load_prompts(source, split=split, limit=limit)]
+    if data_format == "pairs":
+        return [RankedExample(p.prompt, [p.chosen, p.rejected], [nan, nan], p.source,
+                              {**p.extra, "candidate_sources": ["chosen", "rejected"]})
+                for p in load_preferences(source, split=split, limit=limit)
+                if p.prompt is not None]
+    if data_format == "ranked":
+        return load_ranked(source, split=split, limit=limit)
+    samples = load_samples(source, split=split, limit=limit, min_responses=1)
+    for s in samples:
+        s.scores = [nan] * len(s.responses)
+    return samples
+
+
+def add_response_files(queries: list[Any], paths: list[str], log) -> list[RankedExample]:
+    """Add each file's responses to the queries with the same prompt (exact text match)."""
+    out = [q if isinstance(q, RankedExample) else RankedExample(q, [], []) for q in queries]
+    by_prompt: dict[str, list[RankedExample]] = {}
+    for q in out:
+        by_prompt.setdefault(_key(q.prompt), []).append(q)
+    for path in paths:
+        next(iter(_rows(path, None)), None)
+        matched = unmatched = 0
+        name = Path(path).name
+        for sample in load_samples(path, min_responses=1):
+            targets = by_prompt.get(_key(sample.prompt))
+            if not targets:
+                unmatched += 1
+                continue
+            matched += 1
+            for q in targets:
+                sources = q.extra.setdefault("candidate_sources",
+                                             ["dataset"] * len(q.responses))
+                q.responses = [*q.responses, *sample.responses]
+                q.scores = [*q.scores, *[float("nan")] * len(sample.responses)]
+                sources.extend([name] * len(sample.responses))
+        log(f"{path}: responses for {matched} prompt(s)"
+            + (f"; {unmatched} row(s) match no query and are ignored" if unmatched else ""))
+    return out
+
+
+def _key(prompt: Text) -> str:
+    return prompt if isinstance(prompt, str) else repr(prompt)
+
+
+def load_causal_lm(path: str, what: str):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"{what} {path!r} is neither 'synthetic' nor a local checkpoint folder "
+                          f"(the hub is not used)")
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _load_tokenizer(path: str):
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"tokenizer {path!r}: {error}") from None
+
+
+# ---- fit-normalizer -------------------------------------------------------------------------
+
+@dataclass
+class NormalizerJobConfig:
+    reward_model: str | None = option(None, "the RewardModel folder to fit for (rlengine "
+                                            "train-rm's output/model); required")
+    output: str | None = option(None, "the JSON file to write the parameters to; required")
+    data: str = option(SYNTHETIC, "fitting texts: 'synthetic' (the task's comparisons) or a "
+                                  "file of pairs (both sides are used) or of {prompt, "
+                                  "responses} samples")
+    data_format: Literal["auto", "pairs", "samples"] = option(
+        "auto", "what data holds (auto: 'responses' rows are samples, else pairs)")
+    entropy_model: str | None = option(None, "the frozen causal LM (the SFT policy) whose "
+                                             "entropies place segment ends: 'synthetic' (the "
+                                             "task's SFT policy, the default on synthetic data) "
+                                             "or a local folder")
+    tokenizer: str | None = option(None, "a local tokenizer folder (default: the reward "
+                                         "model's; 'synthetic': the task's)")
+    threshold: float = option(1.75, "segmentation threshold c: fit for the threshold PPO uses")
+    min_count: int = option(2, "locations with fewer segments are left out of the fit")
+    limit: int | None = option(None, "use only the first N rows")
+    split: str | None = option(None, "split to read from a DatasetDict folder")
+    max_length: int | None = option(None, "truncate prompt + response to this many tokens")
+    batch_size: int = option(32, "texts per forward pass")
+    synthetic_task_seed: int = option(0, "synthetic: the task's seed")
+    synthetic_pairs: int = option(1000, "synthetic: comparisons (2 responses each)")
+    data_seed: int = option(0, "seed of the synthetic data")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
+
+    def __post_init__(self) -> None:
+        for name in ("min_count", "batch_size", "synthetic_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+def run_fit_normalizer(config: NormalizerJobConfig, *, kernels: str = "engine", log=print):
+    """Collect segment rewards over the fitting texts, fit, save; returns the normalizer."""
+    from rlengine.policy.normalizer import LocationNormalizer, collect_segment_rewards
+    from rlengine.reward.model import RewardModel
+
+    if not config.reward_model:
+        raise ConfigError("reward_model is required: the RewardModel folder to fit for")
+    if not config.output:
+        raise ConfigError("output is required: the JSON file to write")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    path = Path(config.reward_model)
+    if not path.is_dir():
+        raise ConfigError(f"reward_model {path} is not a folder")
+    try:
+        reward_model = RewardModel.load(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"reward_model: {error}") from None
+    synthetic_data = config.data == SYNTHETIC
+    task = synthetic_task(config.synthetic_task_seed) if synthetic_data or SYNTHETIC in (
+        config.entropy_model, config.tokenizer) else None
+    entropy_name = config.entropy_model or (SYNTHETIC if synthetic_data else None)
+    if entropy_name is None:
+        raise ConfigError("entropy_model is required on a data file: the SFT policy's folder "
+                          "(with the reward model's tokenizer)")
+    entropy_model = task.sft_policy() if entropy_name == SYNTHETIC else \
+        load_causal_lm(entropy_name, "entropy_model")
+    if config.tokenizer == SYNTHETIC or (config.tokenizer is None and entropy_name == SYNTHETIC
+                                         and not (path / "tokenizer.json").exists()):
+        tokenizer = task.tokenizer
+    else:
+        tokenizer = _load_tokenizer(config.tokenizer or str(path))
+    if synthetic_data:
+        pairs = task.preference_pairs(config.synthetic_pairs, seed=config.data_seed + 300)
+        texts = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
+    else:
+        texts = _fitting_texts(config)
+    if config.limit and synthetic_data:
+        texts = texts[:2 * config.limit]
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reward_model.to(device)
+    entropy_model.to(device)
+    log(f"collecting segment rewards of {len(texts)} responses (threshold {config.threshold})")
+    locations, rewards = collect_segment_rewards(
+        reward_model, entropy_model, tokenizer, texts, threshold=config.threshold,
+        batch_size=config.batch_size, max_length=config.max_length, kernels=kernels,
+        device=device)
+    try:
+        normalizer = LocationNormalizer.fit(locations, rewards, min_count=config.min_count,
+                                            threshold=config.threshold,
+                                            model=str(config.reward_model))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    normalizer.save(config.output)
+    return normalizer, locations, rewards
+
+
+def _fitting_texts(config: NormalizerJobConfig) -> list[tuple[Text, Text]]:
+    data_format = config.data_format
+    if data_format == "auto":
+        detected = detect_format(config.data, config.split)
+        data_format = "samples" if detected in ("ranked", "samples") else "pairs"
+    else:
+        next(iter(_rows(config.data, config.split)), None)
+    if data_format == "pairs":
+        pairs = load_preferences(config.data, split=config.split, limit=config.limit)
+        return [(p.prompt, side) for p in pairs if p.prompt is not None
+                for side in (p.chosen, p.rejected)]
+    samples = load_samples(config.data, split=config.split, limit=config.limit,
+                           min_responses=1)
+    return [(s.prompt, r) for s in samples for r in s.responses]

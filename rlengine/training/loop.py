@@ -1,0 +1,112 @@
+"""The parts of a training loop every trainer of the engine shares: per-step seeds (what makes
+a resumed run exact), opening a run directory (resume or start over), one all-reduce of a
+step's logged numbers, resume-invariant checks and the progress bar."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlengine.training.checkpoint import CheckpointManager
+from rlengine.training.distributed import DistributedContext
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Distinct, reproducible random streams per (seed, step, process): reseeding from it at
+    every step makes a run's draws independent of where it was interrupted."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def open_checkpoints(output_dir: str | None, *, keep_last: int, resume: bool,
+                     dist: DistributedContext, load: Callable[[Path], int], log,
+                     total_steps: int) -> tuple[CheckpointManager | None, int | None]:
+    """The run's CheckpointManager (None without an output directory) and the step it resumed
+    from: the newest checkpoint is loaded with ``load`` when ``resume``, else deleted."""
+    if not output_dir:
+        return None, None
+    checkpoints = CheckpointManager(output_dir, keep_last=keep_last)
+    resumed_from = None
+    latest = checkpoints.latest()
+    if latest is not None and resume:
+        resumed_from = load(latest)
+        log(f"resumed from {latest} (step {resumed_from} of {total_steps})")
+    elif latest is not None and dist.is_main:
+        shutil.rmtree(checkpoints.root, ignore_errors=True)
+    dist.barrier()
+    return checkpoints, resumed_from
+
+
+def reduce_step_record(sums: dict[str, torch.Tensor], dist: DistributedContext, scale: float
+                       ) -> tuple[dict[str, float], float]:
+    """``{"train/<key>": sum over processes / scale}`` for every summed number of a step, and
+    the summed ``tokens`` (not scaled): one tensor, one all-reduce, one copy to the host."""
+    names = [key for key in sums if key != "tokens"]
+    packed = torch.stack([sums[key].double() for key in [*names, "tokens"]])
+    dist.all_reduce_sum(packed)
+    values = packed.tolist()
+    tokens = values.pop()
+    return {f"train/{key}": value / scale for key, value in zip(names, values)}, tokens
+
+
+def resume_conflicts(saved: dict[str, Any], config: Any, keys: Sequence[str]) -> list[str]:
+    """``"key: saved -> now"`` for each resume-invariant option that changed."""
+    return [f"{key}: {saved.get(key)!r} -> {getattr(config, key)!r}" for key in keys
+            if saved.get(key) != getattr(config, key)]
+
+
+def refuse_resume(path: str | Path, changed: list[str]) -> None:
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the run's options changed "
+                         f"({'; '.join(changed)}); use another output_dir, or resume=false "
+                         f"to start over")
+
+
+class NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar over optimizer steps, or a stand-in that does nothing."""
+    if not enabled:
+        return NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def data_parallel(module: torch.nn.Module, dist: DistributedContext) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel under torchrun, else itself."""
+    if not dist.enabled:
+        return module
+    device = dist.device
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def adamw_with_schedule(parameters, config: Any, total_steps: int):
+    """AdamW over the parameters that require grad and its warm-up schedule, from a config's
+    lr, adam_beta1/2, adam_eps, weight_decay, schedule, warmup_steps and min_lr_ratio."""
+    from rlengine.training.schedules import make_scheduler
+
+    optimizer = torch.optim.AdamW(
+        [p for p in parameters if p.requires_grad], lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=config.schedule,
+                               warmup_steps=config.warmup_steps, total_steps=total_steps,
+                               min_ratio=config.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for ``mixed_precision="bf16"``, or ``"auto"`` on CUDA; None (no autocast) else."""
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
