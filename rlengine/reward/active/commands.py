@@ -208,14 +208,14 @@ def _read_labeled(path: str) -> list[tuple[Any, Any, Any, Any, bool]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataFormatError(f"{path}:{number}: not valid JSON: {error.msg}") from None
+                raise DataFormatError(f"{path}:{number}", f"not valid JSON: {error.msg}") from None
             missing = [k for k in ("prompt_a", "response_a", "prompt_b", "response_b",
                                    "preferred") if k not in row]
             if missing:
-                raise DataFormatError(f"{path}:{number}: missing field(s) {missing}")
+                raise DataFormatError(f"{path}:{number}", f"missing field(s) {missing}")
             if row["preferred"] not in ("a", "b"):
-                raise DataFormatError(f"{path}:{number}: 'preferred' must be \"a\" or \"b\" "
-                                      f"(who won the comparison), got {row['preferred']!r}")
+                raise DataFormatError(f"{path}:{number}", "'preferred' must be \"a\" or \"b\" (who "
+                                      f"won the comparison), got {row['preferred']!r}")
             rows.append((row["prompt_a"], row["response_a"], row["prompt_b"],
                          row["response_b"], row["preferred"] == "a"))
     return rows
