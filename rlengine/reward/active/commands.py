@@ -42,6 +42,25 @@ class EmbeddingOptions:
 
 
 @dataclass
+class FitOptions:
+    """The preference model refitted every round, and D-opt's ridge."""
+
+    hidden: list[int] = option([256, 256, 256], "preference model: phi's GELU layer widths "
+                                                "(the paper: 512 x 3)")
+    fit_steps: int = option(500, "preference model: full-batch Adam steps (the paper: 1000)")
+    lr: float = option(1e-3, "preference model: Adam learning rate")
+    weight_decay: float = option(1e-2, "preference model: L2 penalty (keeps the fitted gaps, "
+                                       "and so D-opt's Fisher weights, informative)")
+    ridge: float = option(1e-6, "D-opt ridge lambda")
+
+    def model_config(self):
+        from rlengine.reward.active.model import PreferenceModelConfig
+
+        return PreferenceModelConfig(hidden=tuple(self.hidden), steps=self.fit_steps,
+                                     lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
 class SimOptions:
     data: str = option(SYNTHETIC, "'synthetic' (gold rewards of the built-in task) or a "
                                   "preference-pair file/folder whose labels are revealed when "
@@ -52,7 +71,8 @@ class SimOptions:
     limit: int | None = option(None, "file data: use the first this many pairs")
     test_share: float = option(1 / 6, "share of prompts (pairs) held out for evaluation")
     strategies: list[str] = option(["random", "entropy", "max_difference", "coreset", "dopt",
-                                    "past_dopt"], "selection strategies to compare")
+                                    "past_dopt", "greedy_dopt"],
+                                   "selection strategies to compare")
     pools: list[str] = option(["cross_prompt", "in_prompt"],
                               "candidate pools (file data: in_prompt only)")
     seeds: int = option(5, "seeds per strategy and pool")
@@ -64,12 +84,6 @@ class SimOptions:
     max_pool_pairs: int | None = option(20000, "candidate pairs per round at most (sampled)")
     annotator_scale: float | None = option(5.0, "synthetic annotator: P(a > b) = sigmoid(q "
                                                 "(r_a - r_b) / std(r)); none: exact gold")
-    ridge: float = option(1e-6, "D-opt ridge lambda")
-    hidden: list[int] = option([256, 256, 256], "preference model: phi's GELU layer widths "
-                                                "(the paper: 512 x 3)")
-    fit_steps: int = option(500, "preference model: full-batch Adam steps (the paper: 1000)")
-    lr: float = option(1e-3, "preference model: Adam learning rate")
-    weight_decay: float = option(1e-2, "preference model: L2 penalty")
 
 
 @dataclass
@@ -83,16 +97,11 @@ class SelectOptions:
                                        "'preferred' set to a or b, or {prompt, chosen, "
                                        "rejected} pairs")
     budget: int = option(100, "pairs to select")
-    strategy: str = option("past_dopt", "random, entropy, max_difference, coreset, dopt or "
-                                        "past_dopt")
+    strategy: str = option("past_dopt", "random, entropy, max_difference, coreset, dopt, "
+                                        "past_dopt or greedy_dopt")
     out: str = option("to_label.jsonl", "where the selected pairs go (JSON lines)")
     max_pool_pairs: int | None = option(None, "sample the pool down to this many pairs")
     seed: int = option(0, "seed of the model fit and of random choices")
-    ridge: float = option(1e-6, "D-opt ridge lambda")
-    hidden: list[int] = option([256, 256, 256], "preference model: phi's GELU layer widths")
-    fit_steps: int = option(500, "preference model: full-batch Adam steps")
-    lr: float = option(1e-3, "preference model: Adam learning rate")
-    weight_decay: float = option(1e-2, "preference model: L2 penalty")
 
 
 def add_parsers(commands) -> None:
@@ -104,10 +113,7 @@ def add_parsers(commands) -> None:
                     "curves.md and plots/ (every metric against labels used, mean +- std over "
                     "seeds) to --out-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sim.add_argument("--config", metavar="YAML", default=None, help="options as YAML")
-    configs.add_arguments(sim, SimOptions, group="simulation")
-    configs.add_arguments(sim, EmbeddingOptions, group="embeddings")
-    sim.set_defaults(run=run_active_sim)
+    _options(sim, SimOptions, "simulation", run_active_sim)
     sel = commands.add_parser(
         "select", help="choose the pairs to label next from an unlabelled pool",
         description="One round of a real labelling campaign: fit the preference model on the "
@@ -116,10 +122,15 @@ def add_parsers(commands) -> None:
                     "prompt_a, response_a, prompt_b, response_b, preferred: null}. Fill in "
                     "'preferred' (a or b) and pass the file back as --labeled next round.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sel.add_argument("--config", metavar="YAML", default=None, help="options as YAML")
-    configs.add_arguments(sel, SelectOptions, group="selection")
-    configs.add_arguments(sel, EmbeddingOptions, group="embeddings")
-    sel.set_defaults(run=run_select)
+    _options(sel, SelectOptions, "selection", run_select)
+
+
+def _options(parser: argparse.ArgumentParser, main: type, title: str, run) -> None:
+    parser.add_argument("--config", metavar="YAML", default=None, help="options as YAML")
+    configs.add_arguments(parser, main, group=title)
+    configs.add_arguments(parser, FitOptions, group="preference model")
+    configs.add_arguments(parser, EmbeddingOptions, group="embeddings")
+    parser.set_defaults(run=run)
 
 
 def _embedder(options: EmbeddingOptions, *, synthetic_task=None):
@@ -137,20 +148,13 @@ def _embedder(options: EmbeddingOptions, *, synthetic_task=None):
     return load_embedder(name, pooling=options.pooling, max_length=options.max_length)
 
 
-def _model_config(o: Any):
-    from rlengine.reward.active.model import PreferenceModelConfig
-
-    return PreferenceModelConfig(hidden=tuple(o.hidden), steps=o.fit_steps, lr=o.lr,
-                                 weight_decay=o.weight_decay)
-
-
 def run_active_sim(args: argparse.Namespace) -> int:
     from rlengine.data.loaders import load_preferences
     from rlengine.reward.active import datasets, report
     from rlengine.reward.active.simulation import ActiveSimConfig, simulate
 
-    (o, e), _ = configs.from_sources([SimOptions, EmbeddingOptions], args,
-                                     config_path=args.config)
+    (o, fit, e), _ = configs.from_sources([SimOptions, FitOptions, EmbeddingOptions], args,
+                                          config_path=args.config)
     if e.threads:
         torch.set_num_threads(e.threads)
     if o.data == SYNTHETIC:
@@ -175,8 +179,8 @@ def run_active_sim(args: argparse.Namespace) -> int:
         strategies=tuple(o.strategies), pools=tuple(pools), seeds=o.seeds,
         first_seed=o.first_seed, rounds=o.rounds, initial_labels=o.initial_labels,
         labels_per_round=o.labels_per_round, prompts_per_round=o.prompts_per_round,
-        max_pool_pairs=o.max_pool_pairs, annotator_scale=scale, ridge=o.ridge,
-        model=_model_config(o))
+        max_pool_pairs=o.max_pool_pairs, annotator_scale=scale, ridge=fit.ridge,
+        model=fit.model_config())
     result = simulate(table, train, test, config)
     result["data"] = {"source": o.data, "items": len(table), "groups": n_groups,
                       "train_groups": len(train), "test_groups": len(test),
@@ -227,8 +231,8 @@ def run_select(args: argparse.Namespace) -> int:
     from rlengine.reward.active.pools import ItemTable, candidate_pairs
     from rlengine.reward.active.selection import STRATEGIES, select
 
-    (o, e), _ = configs.from_sources([SelectOptions, EmbeddingOptions], args,
-                                     config_path=args.config)
+    (o, fit, e), _ = configs.from_sources([SelectOptions, FitOptions, EmbeddingOptions], args,
+                                          config_path=args.config)
     if e.threads:
         torch.set_num_threads(e.threads)
     if not o.pool:
@@ -273,12 +277,12 @@ def run_select(args: argparse.Namespace) -> int:
     past_first = torch.arange(offset, len(responses), 2)
     past_second = past_first + 1
     a_won = torch.tensor([row[4] for row in labeled], dtype=torch.bool)
-    model = fit_preference_model(embeddings, past_first, past_second, a_won, _model_config(o),
+    model = fit_preference_model(embeddings, past_first, past_second, a_won, fit.model_config(),
                                  seed=o.seed)
     z, gap = model.pair_features(embeddings, first, second)
     past = model.pair_features(embeddings, past_first, past_second) if labeled else (None, None)
     picked, scores = select(o.strategy, o.budget, z=z, gap=gap, past_z=past[0],
-                            past_gap=past[1], ridge=o.ridge, seed=o.seed)
+                            past_gap=past[1], ridge=fit.ridge, seed=o.seed)
 
     def write(temporary: Path) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:

@@ -16,7 +16,8 @@ from rlengine import ops
 
 @dataclass(frozen=True)
 class PreferenceModelConfig:
-    """phi's hidden widths (the paper: three GELU layers of 512) and the full-batch fit (the
+    """phi's hidden widths (the paper: three GELU layers of 512; none: phi is the identity and
+    the model is linear in the standardised embedding) and the full-batch fit (the
     paper: Adam 1e-3, 1000 steps). Inputs are standardised with the embedding pool's mean and
     std, which the fit is given once (embeddings of different models differ in scale by
     orders of magnitude)."""
@@ -31,8 +32,8 @@ class PreferenceModelConfig:
     weight_decay: float = 1e-2
 
     def __post_init__(self) -> None:
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            raise ValueError(f"hidden must be one or more widths >= 1, got {self.hidden}")
+        if any(int(h) < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -43,7 +44,8 @@ class PreferenceModelConfig:
 
 
 class PreferenceModel(torch.nn.Module):
-    """phi: standardise, then len(hidden) Linear + GELU layers; w: bias-free Linear(width, 1)."""
+    """phi: standardise, then len(hidden) Linear + GELU layers (none: the standardised
+    embedding itself); w: bias-free Linear(width, 1)."""
 
     def __init__(self, embedding_dim: int, hidden: Sequence[int], *, mean: torch.Tensor,
                  std: torch.Tensor):

@@ -19,11 +19,13 @@ chunk of candidates, so memory stays O(n D + D^2) (never an n x D x D tensor).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
 
-Strategy = Literal["random", "entropy", "max_difference", "coreset", "dopt", "past_dopt"]
+Strategy = Literal["random", "entropy", "max_difference", "coreset", "dopt", "past_dopt",
+                   "greedy_dopt"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 STRATEGY_HELP = {
     "random": "uniformly at random",
@@ -32,6 +34,8 @@ STRATEGY_HELP = {
     "coreset": "k-means (K clusters) on z, then the pairs nearest each centre in turn",
     "dopt": "D-optimal design on the last layer: top p(1-p) z^T M^-1 z over the candidates",
     "past_dopt": "D-optimal design whose M also holds the pairs labelled so far",
+    "greedy_dopt": "D-optimal batch built one pair at a time: each pick is added to M (from "
+                   "the labelled pairs and ridge) before the next is scored",
 }
 # Rows of z per triangular solve: bounds the temporary at CHUNK x D float64.
 CHUNK = 16384
@@ -90,28 +94,75 @@ def dopt_scores(z: torch.Tensor, gap: torch.Tensor, *, past_z: torch.Tensor | No
     return scores * weights
 
 
-def kmeans(x: torch.Tensor, k: int, *, iterations: int = 50, generator: torch.Generator
+def greedy_dopt_order(z: torch.Tensor, gap: torch.Tensor, budget: int, *,
+                      past_z: torch.Tensor | None = None, past_gap: torch.Tensor | None = None,
+                      ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [budget], first-pick scores [n]): the batch that greedily maximises
+    log det(M_past + ridge I + sum over the batch of p (1 - p) z z^T). Each pick is the
+    candidate of largest gain p (1 - p) z^T M^-1 z, then M^-1 is updated by Sherman-Morrison,
+    so a direction once covered stops attracting picks (the one-shot top-k of ``dopt`` can
+    spend a whole batch on pairs that share one unusual item). O(n D) memory and work per
+    pick."""
+    z, gap = _check_features(z, gap)
+    if ridge <= 0 and past_z is None:
+        raise ValueError("greedy_dopt needs ridge > 0 or past pairs (M starts from them)")
+    dim = z.shape[1]
+    matrix = ridge * torch.eye(dim, dtype=torch.float64, device=z.device)
+    if past_z is not None:
+        past_z, past_gap = _check_features(past_z, past_gap, what="past_z")
+        matrix += information_matrix(past_z, fisher_weights(past_gap.double()))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
+    features = z.double()
+    weights = fisher_weights(gap.double())
+    solved = features @ inverse                       # rows: M^-1 z_i
+    gains = weights * (solved * features).sum(1)
+    first_scores = gains.clone()
+    order = []
+    for _ in range(min(budget, z.shape[0])):
+        j = int(gains.argmax())
+        order.append(j)
+        u = solved[j].clone()                          # M^-1 z_j
+        scale = weights[j] / (1 + weights[j] * float(features[j] @ u))
+        projection = features @ u                      # z_i^T M^-1 z_j
+        solved -= scale * projection[:, None] * u[None, :]
+        gains -= weights * scale * projection.square()
+        gains[order] = -math.inf
+    return torch.tensor(order, dtype=torch.long), first_scores
+
+
+def _squared_distances(x: torch.Tensor, x_norms: torch.Tensor, centres: torch.Tensor
+                       ) -> torch.Tensor:
+    """[n, k] squared Euclidean distances through one matrix product (torch.cdist takes ~40x
+    longer on 100k x 512 points)."""
+    out = torch.addmm(x_norms[:, None], x, centres.T, alpha=-2.0)
+    return out.add_(centres.square().sum(1)[None, :]).clamp_(min=0)
+
+
+def kmeans(x: torch.Tensor, k: int, *, iterations: int = 20, generator: torch.Generator
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centres [k, D], assignment [n]) by Lloyd's algorithm from k-means++ seeding."""
+    """(centres [k, D], assignment [n]) by Lloyd's algorithm from k-means++ seeding, at most
+    ``iterations`` rounds (each is O(n k D); a coreset needs rough clusters, not converged
+    ones)."""
     n = x.shape[0]
     k = min(k, n)
     x = x.double()
+    norms = x.square().sum(1)
     centres = x[torch.randint(n, (1,), generator=generator)]
-    closest = torch.cdist(x, centres).squeeze(1).square()
+    closest = _squared_distances(x, norms, centres).squeeze(1)
     for _ in range(1, k):
         total = closest.sum()
         if total <= 0:   # fewer distinct points than k: stop with what we have
             break
         pick = torch.multinomial(closest / total, 1, generator=generator)
         centres = torch.cat([centres, x[pick]])
-        closest = torch.minimum(closest, (x - x[pick]).square().sum(1))
-    assignment = torch.cdist(x, centres).argmin(1)
+        closest = torch.minimum(closest, _squared_distances(x, norms, x[pick]).squeeze(1))
+    assignment = _squared_distances(x, norms, centres).argmin(1)
     for _ in range(iterations):
         sums = torch.zeros_like(centres).index_add_(0, assignment, x)
         counts = torch.bincount(assignment, minlength=len(centres)).unsqueeze(1)
         # an empty cluster keeps its centre
         centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-        new = torch.cdist(x, centres).argmin(1)
+        new = _squared_distances(x, norms, centres).argmin(1)
         if torch.equal(new, assignment):
             break
         assignment = new
@@ -123,7 +174,9 @@ def coreset_order(z: torch.Tensor, budget: int, *, clusters: int = 10,
     """``budget`` indices that cover the clusters of z evenly: the nearest unpicked member of
     each cluster's centre in turn (clusters that run out are skipped)."""
     centres, assignment = kmeans(z, clusters, generator=generator)
-    distance = (z.double() - centres[assignment]).square().sum(1)
+    z = z.double()
+    distance = _squared_distances(z, z.square().sum(1), centres).gather(
+        1, assignment[:, None]).squeeze(1)
     queues = []
     for c in range(len(centres)):
         members = (assignment == c).nonzero().squeeze(1)
@@ -159,6 +212,10 @@ def select(strategy: Strategy, budget: int, *, z: torch.Tensor, gap: torch.Tenso
         scores = -gap.double().abs()
     elif strategy == "max_difference":
         scores = gap.double().abs()
+    elif strategy == "greedy_dopt":
+        order, scores = greedy_dopt_order(z, gap, budget, past_z=past_z, past_gap=past_gap,
+                                          ridge=ridge)
+        return order, scores.cpu()
     elif strategy == "coreset":
         order = coreset_order(z.cpu(), budget, clusters=clusters, generator=generator)
         scores = torch.zeros(n, dtype=torch.float64)

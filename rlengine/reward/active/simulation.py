@@ -33,17 +33,23 @@ from typing import Any
 
 import torch
 
-from rlengine.reward.active.model import PreferenceModel, PreferenceModelConfig, \
-    fit_preference_model
-from rlengine.reward.active.pools import POOL_KINDS, ItemTable, candidate_pairs, \
-    within_prompt_groups
+from rlengine.reward.active.model import (
+    PreferenceModel,
+    PreferenceModelConfig,
+    fit_preference_model,
+)
+from rlengine.reward.active.pools import (
+    POOL_KINDS,
+    ItemTable,
+    candidate_pairs,
+    within_prompt_groups,
+)
 from rlengine.reward.active.selection import STRATEGIES, select
 
 
 @dataclass(frozen=True)
 class ActiveSimConfig:
-    strategies: tuple[str, ...] = ("random", "entropy", "max_difference", "coreset", "dopt",
-                                   "past_dopt")
+    strategies: tuple[str, ...] = STRATEGIES
     pools: tuple[str, ...] = ("cross_prompt", "in_prompt")
     seeds: int = 5
     first_seed: int = 0
