@@ -176,7 +176,8 @@ def run_ppo(args: argparse.Namespace) -> int:
 
         transformers_logging.disable_progress_bar()
     job = build_ppo_job(job_config, reward_kind=config.reward_kind,
-                        segment_threshold=config.segment_threshold, log=log)
+                        segment_threshold=config.segment_threshold,
+                        prompts_per_iteration=config.prompts_per_iteration, log=log)
     try:
         trainer = PPOTrainer(job.policy, job.tokenizer, job.prompts, config,
                              device=job_config.device, log=log, **job.trainer_kwargs)

@@ -509,7 +509,7 @@ def train_synthetic_reward_model(task, policy, *, reward_kind: str, pairs: int, 
 
 
 def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: float,
-                  log=print) -> PPOJob:
+                  prompts_per_iteration: int = 1, log=print) -> PPOJob:
     """The policy, prompts, reward (and normalizer), critic and evaluation that ``config``
     names; a ConfigError for a combination that cannot work."""
     from rlengine.policy.normalizer import LocationNormalizer
@@ -528,6 +528,9 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
         next(iter(_rows(config.data, config.split)), None)  # a missing file is a ConfigError
         prompts = [p.prompt for p in load_prompts(config.data, split=config.split,
                                                   limit=config.limit)]
+    if len(prompts) < prompts_per_iteration:
+        raise ConfigError(f"prompts_per_iteration ({prompts_per_iteration}) is larger than the "
+                          f"number of prompts ({len(prompts)})")
     reward = config.reward
     if reward == "auto":
         reward = "model" if config.reward_model else ("gold" if synthetic_data else None)
