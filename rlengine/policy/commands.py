@@ -131,21 +131,26 @@ def run_rrhf(args: argparse.Namespace) -> int:
         raise configs.ConfigError(str(error)) from None
     result = trainer.train()
     if trainer.dist.is_main:
-        evaluations = result.evaluations
-        if len(evaluations) >= 2:
-            first, last = evaluations[0], evaluations[-1]
-            for key in first:
-                if key.startswith("eval/") and key != "eval/round":
-                    print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
-                          f"{last[key]:.4f} after {last['eval/round']} round(s)")
-        if result.model_dir:
-            print(f"policy: {result.model_dir}")
-        if config.output_dir:
-            # written last: its presence marks a finished run
-            (Path(config.output_dir) / "final_metrics.json").write_text(json.dumps(
-                {"steps": result.steps, "evaluations": evaluations}, indent=2) + "\n")
+        _report(result, config.output_dir, "round", {"steps": result.steps})
     _shut_down_process_group()
     return 0
+
+
+def _report(result, output_dir: str | None, unit: str, totals: dict) -> None:
+    """The evaluations before and after, where the policy went, and final_metrics.json."""
+    evaluations = result.evaluations
+    if len(evaluations) >= 2:
+        first, last = evaluations[0], evaluations[-1]
+        for key in first:
+            if key.startswith("eval/") and key != f"eval/{unit}":
+                print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
+                      f"{last[key]:.4f} after {last[f'eval/{unit}']} {unit}(s)")
+    if result.model_dir:
+        print(f"policy: {result.model_dir}")
+    if output_dir:
+        # written last: its presence marks a finished run
+        (Path(output_dir) / "final_metrics.json").write_text(json.dumps(
+            {**totals, "evaluations": evaluations}, indent=2) + "\n")
 
 
 def resolve_ppo(args: argparse.Namespace) -> tuple[PPOJobConfig, PPOConfig]:
@@ -185,20 +190,8 @@ def run_ppo(args: argparse.Namespace) -> int:
         raise configs.ConfigError(str(error)) from None
     result = trainer.train()
     if trainer.dist.is_main:
-        evaluations = result.evaluations
-        if len(evaluations) >= 2:
-            first, last = evaluations[0], evaluations[-1]
-            for key in first:
-                if key.startswith("eval/") and key != "eval/iteration":
-                    print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
-                          f"{last[key]:.4f} after {last['eval/iteration']} iteration(s)")
-        if result.model_dir:
-            print(f"policy: {result.model_dir}")
-        if config.output_dir:
-            # written last: its presence marks a finished run
-            (Path(config.output_dir) / "final_metrics.json").write_text(json.dumps(
-                {"iterations": result.iterations, "steps": result.steps,
-                 "evaluations": evaluations}, indent=2) + "\n")
+        _report(result, config.output_dir, "iteration",
+                {"iterations": result.iterations, "steps": result.steps})
     _shut_down_process_group()
     return 0
 

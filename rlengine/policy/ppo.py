@@ -429,15 +429,21 @@ class PPOTrainer:
                               num_return_sequences=cfg.samples_per_prompt,
                               batch_size=cfg.generation_batch_size)
 
-    @torch.no_grad()
     def _chunk_experience(self, iteration: int, chunk: int, prompts: list[Text]) -> Experience:
         """Chunk ``chunk`` of an iteration: sampled with a seed of (seed, iteration, chunk),
-        its log-probs, values and task rewards."""
+        then scored."""
         cfg = self.config
         seed = random.Random(f"rlengine.ppo/{cfg.seed}/{iteration}/{chunk}").getrandbits(62)
         rollout = generate_rollout(self.policy, self.tokenizer, prompts, self._sampling_config(),
                                    seed=seed, max_prompt_length=cfg.max_prompt_length,
                                    device=self.device)
+        return self.score_rollout(rollout)
+
+    @torch.no_grad()
+    def score_rollout(self, rollout: Rollout) -> Experience:
+        """A rollout's behaviour log-probs and entropies, reference log-probs, values and task
+        rewards (and gold rewards where known)."""
+        cfg = self.config
         segment = isinstance(self.rewards, RewardModelRewards) and self.rewards.kind == "segment"
         with self._autocast():
             logprobs, entropy = response_logprobs(self.policy, rollout,

@@ -33,10 +33,17 @@ from typing import Any
 
 import torch
 
-from rlengine.reward.active.model import PreferenceModel, PreferenceModelConfig, \
-    fit_preference_model
-from rlengine.reward.active.pools import POOL_KINDS, ItemTable, candidate_pairs, \
-    within_prompt_groups
+from rlengine.reward.active.model import (
+    PreferenceModel,
+    PreferenceModelConfig,
+    fit_preference_model,
+)
+from rlengine.reward.active.pools import (
+    POOL_KINDS,
+    ItemTable,
+    candidate_pairs,
+    within_prompt_groups,
+)
 from rlengine.reward.active.selection import STRATEGIES, select
 
 
