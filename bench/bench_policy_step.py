@@ -35,7 +35,8 @@ Before timing, each step runs once per implementation and their numbers must agr
 script interleaves the two implementations' steps (rounds alternate their order), prints the
 median time of each, the median per-round ratio and the torch-allocator peak of one step
 (bench/harness.py), and with --out writes cpu-policy-step-<date>.{json,md}:
-    python bench/bench_policy_step.py [--rounds 10] [--cases synthetic,llama32k] [--out DIR]
+    python bench/bench_policy_step.py [--rounds 10] [--cases synthetic,llama32k] [--threads N]
+                                      [--out DIR]
 """
 
 from __future__ import annotations
@@ -273,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASE_NAMES),
                         help=f"comma-separated, of: {', '.join(CASE_NAMES)}")
     parser.add_argument("--out", default=None, help="folder for cpu-policy-step-<date>.{json,md}")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default; on a shared machine 1 keeps "
+                             "threads from spinning on each other)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = set(names) - set(CASE_NAMES)
     if unknown:
