@@ -97,3 +97,12 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 # kernels' tests (tests/test_cuda_<family>.py) are device-generic, so on a machine without a
 # GPU their logic still runs, against the CPU kernels.
 DEVICES = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: torchrun's rendezvous port for a test run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import free_port
 from safetensors.torch import load_file
 
 from rlengine import cli
@@ -163,17 +163,11 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(policy_dir, reference
         assert torch.equal(tensor, expected[name]), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(policy_dir, reference_run, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "rlengine.cli", "rrhf", *_small(policy_dir), "--save-every", "0",
                "--output-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(),

@@ -1,6 +1,6 @@
 """Policy optimization (METHODS.md sections 3-5): rollouts and log-probs through the engine's
 kernels, per-token rewards (bandit, token-level, segment-dense with the location-aware
-normalizer, gold functions; KL shaping and controllers), and RRHF."""
+normalizer, gold functions; KL shaping and controllers), PPO and RRHF."""
 
 from rlengine.policy.normalizer import (
     LocationNormalizer,
@@ -8,6 +8,17 @@ from rlengine.policy.normalizer import (
     huber_line_fit,
     location_statistics,
 )
+from rlengine.policy.ppo import (
+    Experience,
+    PPOLoss,
+    PPOResult,
+    PPOTrainer,
+    clipped_surrogate,
+    clipped_value_loss,
+    explained_variance,
+    ppo_loss,
+)
+from rlengine.policy.ppo_config import PPOConfig
 from rlengine.policy.rewards import (
     AdaptiveKLController,
     FixedKLController,
@@ -28,8 +39,10 @@ from rlengine.policy.rewards import (
     whiten_rewards,
 )
 from rlengine.policy.rollout import (
+    PolicyLogprobs,
     Rollout,
     SamplingConfig,
+    action_values,
     critic_values,
     diverse_beam_search,
     generate_rollout,
@@ -42,6 +55,8 @@ from rlengine.policy.rrhf import RRHFLoss, RRHFResult, RRHFTrainer, rrhf_loss
 from rlengine.policy.rrhf_config import RRHFConfig
 
 __all__ = [
+    "Experience", "PPOConfig", "PPOLoss", "PPOResult", "PPOTrainer", "PolicyLogprobs",
+    "action_values", "clipped_surrogate", "clipped_value_loss", "explained_variance", "ppo_loss",
     "AdaptiveKLController", "FixedKLController", "FunctionRewards", "LocationNormalizer",
     "RRHFConfig", "RRHFLoss", "RRHFResult", "RRHFTrainer", "RewardModelRewards", "Rollout",
     "RolloutRewards", "SamplingConfig", "Segments", "apply_eos_penalty", "bandit_rewards",

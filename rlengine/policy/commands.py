@@ -1,10 +1,11 @@
-"""`rlengine rrhf` and `rlengine fit-normalizer`: a YAML config (``--config``) and one flag per
-option that overrides it. `rrhf` runs as one process or under torchrun (DDP: gloo on the CPU,
-NCCL on CUDA)."""
+"""`rlengine ppo`, `rlengine rrhf` and `rlengine fit-normalizer`: a YAML config (``--config``)
+and one flag per option that overrides it. `ppo` and `rrhf` run as one process or under
+torchrun (DDP: gloo on the CPU, NCCL on CUDA)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,16 +13,24 @@ from rlengine import configs
 from rlengine.policy.job import (
     SYNTHETIC,
     NormalizerJobConfig,
+    PPOJobConfig,
     RRHFJobConfig,
+    build_ppo_job,
     build_rrhf_job,
     run_fit_normalizer,
 )
+from rlengine.policy.ppo_config import PPOConfig
 from rlengine.policy.rrhf_config import RRHFConfig
 from rlengine.reward.commands import _is_main_process, _shut_down_process_group
 
 # The tiny synthetic policy wants a far larger step than the paper's 7B models, and its
 # default run should show RRHF's effect in about a minute on one thread.
 SYNTHETIC_DEFAULTS = {"lr": 1e-3, "max_new_tokens": 12, "rounds": 4, "epochs": 2.0}
+# PPO's on the synthetic policy: rates and batch found by a small sweep (30 iterations of
+# 32 prompts x 4 samples raise the held-out gold reward in about 10 s on one thread).
+PPO_SYNTHETIC_DEFAULTS = {"actor_lr": 2e-4, "critic_lr": 1e-3, "max_new_tokens": 12,
+                          "iterations": 30, "prompts_per_iteration": 32, "samples_per_prompt": 4,
+                          "mini_batch_size": 32, "evaluate_every": 10}
 
 
 def add_parsers(commands) -> None:
@@ -47,6 +56,31 @@ def add_parsers(commands) -> None:
     configs.add_arguments(rrhf, RRHFJobConfig, group="data, policy and reward")
     configs.add_arguments(rrhf, RRHFConfig, group="training")
     rrhf.set_defaults(run=run_rrhf)
+
+    ppo = commands.add_parser(
+        "ppo", help="train a policy with PPO (bandit, token or segment-dense rewards)",
+        description="PPO: each iteration samples responses with the current policy, scores "
+                    "them (the synthetic task's gold reward, or a reward model read as bandit, "
+                    "token-level or segment-dense rewards with the location-aware normalizer), "
+                    "subtracts the KL penalty to the initial policy, computes GAE and whitened "
+                    "advantages, and trains the policy (clipped surrogate) and the critic "
+                    "(clipped value loss) for a few epochs of mini-batches. With no options it "
+                    "runs the built-in synthetic task: the SFT policy, the gold reward and the "
+                    "held-out gold reward before, during and after; --reward train trains a "
+                    "reward model on the task's preference pairs first. Options come from "
+                    "--config (YAML), then from the flags below. Writes checkpoints, "
+                    "metrics.jsonl (and TensorBoard logs), the final policy and critic and "
+                    "final_metrics.json to --output-dir, and resumes from its newest checkpoint "
+                    "when run again. Data parallel: `torchrun --nproc-per-node N -m rlengine.cli "
+                    "ppo ...` (prompts_per_iteration and mini_batch_size are global).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ppo.add_argument("--config", metavar="YAML", default=None,
+                     help="a YAML file of option: value (any option below, with _ or -)")
+    ppo.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration and exit")
+    configs.add_arguments(ppo, PPOJobConfig, group="data, policy and reward")
+    configs.add_arguments(ppo, PPOConfig, group="training")
+    ppo.set_defaults(run=run_ppo)
 
     fit = commands.add_parser(
         "fit-normalizer", help="fit the location-aware normalizer of segment rewards",
@@ -97,19 +131,67 @@ def run_rrhf(args: argparse.Namespace) -> int:
         raise configs.ConfigError(str(error)) from None
     result = trainer.train()
     if trainer.dist.is_main:
-        evaluations = result.evaluations
-        if len(evaluations) >= 2:
-            first, last = evaluations[0], evaluations[-1]
-            for key in first:
-                if key.startswith("eval/") and key != "eval/round":
-                    print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
-                          f"{last[key]:.4f} after {last['eval/round']} round(s)")
-        if result.model_dir:
-            print(f"policy: {result.model_dir}")
-        if config.output_dir:
-            # written last: its presence marks a finished run
-            (Path(config.output_dir) / "final_metrics.json").write_text(json.dumps(
-                {"steps": result.steps, "evaluations": evaluations}, indent=2) + "\n")
+        _report(result, config.output_dir, "round", {"steps": result.steps})
+    _shut_down_process_group()
+    return 0
+
+
+def _report(result, output_dir: str | None, unit: str, totals: dict) -> None:
+    """The evaluations before and after, where the policy went, and final_metrics.json."""
+    evaluations = result.evaluations
+    if len(evaluations) >= 2:
+        first, last = evaluations[0], evaluations[-1]
+        for key in first:
+            if key.startswith("eval/") and key != f"eval/{unit}":
+                print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
+                      f"{last[key]:.4f} after {last[f'eval/{unit}']} {unit}(s)")
+    if result.model_dir:
+        print(f"policy: {result.model_dir}")
+    if output_dir:
+        # written last: its presence marks a finished run
+        (Path(output_dir) / "final_metrics.json").write_text(json.dumps(
+            {**totals, "evaluations": evaluations}, indent=2) + "\n")
+
+
+def resolve_ppo(args: argparse.Namespace) -> tuple[PPOJobConfig, PPOConfig]:
+    (job, trainer), given = configs.from_sources([PPOJobConfig, PPOConfig], args,
+                                                 config_path=args.config)
+    if job.model == SYNTHETIC:
+        try:
+            trainer = dataclasses.replace(trainer, **{name: value for name, value in
+                                                      PPO_SYNTHETIC_DEFAULTS.items()
+                                                      if name not in given})
+        except ValueError as error:
+            raise configs.ConfigError(str(error)) from None
+    return job, trainer
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    from rlengine.policy.ppo import PPOTrainer
+
+    job_config, config = resolve_ppo(args)
+    main = _is_main_process()
+    if args.print_config:
+        if main:
+            print(configs.to_yaml(job_config) + configs.to_yaml(config), end="")
+        return 0
+    log = print if main else (lambda *_: None)
+    if not (config.progress and main):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    job = build_ppo_job(job_config, reward_kind=config.reward_kind,
+                        segment_threshold=config.segment_threshold,
+                        prompts_per_iteration=config.prompts_per_iteration, log=log)
+    try:
+        trainer = PPOTrainer(job.policy, job.tokenizer, job.prompts, config,
+                             device=job_config.device, log=log, **job.trainer_kwargs)
+    except ValueError as error:
+        raise configs.ConfigError(str(error)) from None
+    result = trainer.train()
+    if trainer.dist.is_main:
+        _report(result, config.output_dir, "iteration",
+                {"iterations": result.iterations, "steps": result.steps})
     _shut_down_process_group()
     return 0
 

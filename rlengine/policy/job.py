@@ -145,15 +145,7 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
     elif reward == "model":
         if not config.reward_model:
             raise ConfigError("reward 'model' needs reward_model: a RewardModel folder")
-        from rlengine.reward.model import RewardModel
-
-        path = Path(config.reward_model)
-        if not path.is_dir():
-            raise ConfigError(f"reward_model {path} is not a folder")
-        try:
-            kwargs["reward_model"] = RewardModel.load(path)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"reward_model: {error}") from None
+        kwargs["reward_model"] = load_reward_model(config.reward_model)
         kwargs["reward_score_mode"] = config.reward_score_mode
     else:
         if policy_samples:
@@ -266,6 +258,22 @@ def add_response_files(queries: list[Any], paths: list[str], log) -> list[Ranked
     return out
 
 
+def load_reward_model(path: str | Path):
+    """A RewardModel from its folder, or from a `rlengine train-rm` output directory (its
+    ``model`` folder); a ConfigError naming the path otherwise."""
+    from rlengine.reward.model import RewardModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"reward_model {path} is not a folder")
+    if not (path / "config.json").is_file() and (path / "model").is_dir():
+        path = path / "model"  # a train-rm output directory
+    try:
+        return RewardModel.load(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"reward_model: {error}") from None
+
+
 def _key(prompt: Text) -> str:
     return prompt if isinstance(prompt, str) else repr(prompt)
 
@@ -326,9 +334,6 @@ class NormalizerJobConfig:
 
 def run_fit_normalizer(config: NormalizerJobConfig, *, kernels: str = "engine", log=print):
     """Collect segment rewards over the fitting texts, fit, save; returns the normalizer."""
-    from rlengine.policy.normalizer import LocationNormalizer, collect_segment_rewards
-    from rlengine.reward.model import RewardModel
-
     if not config.reward_model:
         raise ConfigError("reward_model is required: the RewardModel folder to fit for")
     if not config.output:
@@ -336,12 +341,7 @@ def run_fit_normalizer(config: NormalizerJobConfig, *, kernels: str = "engine", 
     if config.threads:
         torch.set_num_threads(config.threads)
     path = Path(config.reward_model)
-    if not path.is_dir():
-        raise ConfigError(f"reward_model {path} is not a folder")
-    try:
-        reward_model = RewardModel.load(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"reward_model: {error}") from None
+    reward_model = load_reward_model(path)
     synthetic_data = config.data == SYNTHETIC
     task = synthetic_task(config.synthetic_task_seed) if synthetic_data or SYNTHETIC in (
         config.entropy_model, config.tokenizer) else None
@@ -364,20 +364,34 @@ def run_fit_normalizer(config: NormalizerJobConfig, *, kernels: str = "engine", 
     if config.limit and synthetic_data:
         texts = texts[:2 * config.limit]
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    normalizer, locations, rewards = fit_location_normalizer(
+        reward_model, entropy_model, tokenizer, texts, threshold=config.threshold,
+        min_count=config.min_count, batch_size=config.batch_size, max_length=config.max_length,
+        kernels=kernels, device=device, model=str(config.reward_model), log=log)
+    normalizer.save(config.output)
+    return normalizer, locations, rewards
+
+
+def fit_location_normalizer(reward_model, entropy_model, tokenizer, texts, *, threshold: float,
+                            min_count: int = 2, batch_size: int = 32,
+                            max_length: int | None = None, kernels: str = "engine",
+                            device: str | torch.device = "cpu", model: str | None = None,
+                            log=print):
+    """Collect the raw segment rewards of ``(prompt, response)`` texts and fit the normalizer:
+    ``(normalizer, locations, rewards)``; a ConfigError when the fit cannot be made."""
+    from rlengine.policy.normalizer import LocationNormalizer, collect_segment_rewards
+
     reward_model.to(device)
     entropy_model.to(device)
-    log(f"collecting segment rewards of {len(texts)} responses (threshold {config.threshold})")
+    log(f"collecting segment rewards of {len(texts)} responses (threshold {threshold})")
     locations, rewards = collect_segment_rewards(
-        reward_model, entropy_model, tokenizer, texts, threshold=config.threshold,
-        batch_size=config.batch_size, max_length=config.max_length, kernels=kernels,
-        device=device)
+        reward_model, entropy_model, tokenizer, texts, threshold=threshold,
+        batch_size=batch_size, max_length=max_length, kernels=kernels, device=device)
     try:
-        normalizer = LocationNormalizer.fit(locations, rewards, min_count=config.min_count,
-                                            threshold=config.threshold,
-                                            model=str(config.reward_model))
+        normalizer = LocationNormalizer.fit(locations, rewards, min_count=min_count,
+                                            threshold=threshold, model=model)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    normalizer.save(config.output)
     return normalizer, locations, rewards
 
 
@@ -395,3 +409,222 @@ def _fitting_texts(config: NormalizerJobConfig) -> list[tuple[Text, Text]]:
     samples = load_samples(config.data, split=config.split, limit=config.limit,
                            min_responses=1)
     return [(s.prompt, r) for s in samples for r in s.responses]
+
+
+# ---- ppo ------------------------------------------------------------------------------------
+
+@dataclass
+class PPOJobConfig:
+    model: str = option(SYNTHETIC, "the policy: 'synthetic' (the task's SFT policy) or a local "
+                                   "causal-LM folder (with its tokenizer)")
+    tokenizer: str | None = option(None, "a local tokenizer folder (default: the model's own)")
+    data: str = option(SYNTHETIC, "prompts: 'synthetic' or a .jsonl/.json/.parquet file or "
+                                  "datasets folder of {prompt} rows (or pairs, whose prompt is "
+                                  "used)")
+    reward: Literal["auto", "gold", "model", "train"] = option(
+        "auto", "the task reward: gold (the synthetic task's function, at the last token), "
+                "model (reward_model), train (synthetic: train a reward model on the task's "
+                "preference pairs first, score mode from reward_kind); auto: model if "
+                "reward_model is set, else gold on synthetic data")
+    reward_model: str | None = option(None, "a RewardModel folder or a `rlengine train-rm` "
+                                            "output directory, sharing the policy's tokenizer")
+    normalizer: str = option("auto", "location normalizer of token and segment rewards: a JSON "
+                                     "file (`rlengine fit-normalizer`), 'fit' (fit it now on "
+                                     "the reward model, over the synthetic task's pairs or "
+                                     "normalizer_data), 'none' (raw rewards); auto: fit for "
+                                     "token and segment rewards, none for bandit")
+    normalizer_data: str | None = option(None, "pairs or {prompt, responses} file to fit the "
+                                               "normalizer on (default with synthetic data: "
+                                               "the task's pairs)")
+    critic: Literal["policy", "reward_model"] = option(
+        "policy", "the critic's start: the policy's body with a fresh value head (the paper), "
+                  "or a copy of the reward model, head included")
+    limit: int | None = option(None, "use only the first N prompts")
+    split: str | None = option(None, "split to read from a DatasetDict folder")
+    synthetic_task_seed: int = option(0, "synthetic: the task's seed")
+    synthetic_prompts: int = option(512, "synthetic: training prompts")
+    synthetic_eval_prompts: int = option(200, "synthetic: held-out prompts for the gold-reward "
+                                              "evaluation")
+    synthetic_rm_pairs: int = option(2000, "reward 'train': the task's noisy preference pairs "
+                                           "(20% flipped labels)")
+    synthetic_rm_steps: int = option(600, "reward 'train': optimizer steps of 32 pairs")
+    synthetic_normalizer_pairs: int = option(1000, "normalizer 'fit' on synthetic data: pairs "
+                                                   "(both responses used)")
+    data_seed: int = option(0, "seed of the synthetic data")
+    kernels: Literal["engine", "reference"] = option(
+        "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
+
+    def __post_init__(self) -> None:
+        for name in ("synthetic_prompts", "synthetic_eval_prompts", "synthetic_rm_pairs",
+                     "synthetic_rm_steps", "synthetic_normalizer_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class PPOJob:
+    """Everything PPOTrainer needs besides its config."""
+
+    policy: torch.nn.Module
+    tokenizer: Any
+    prompts: list[Any]
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    task: Any = None
+    normalizer: Any = None
+
+
+# A reward model's sequence score for each PPO reward kind: what it is trained on.
+SCORE_MODE_OF_REWARD_KIND = {"bandit": "last", "token": "token_mean", "segment": "segment"}
+# Token-level rewards are segments of one token: every entropy is above this threshold.
+TOKEN_LEVEL_THRESHOLD = -1.0
+
+
+def train_synthetic_reward_model(task, policy, *, reward_kind: str, pairs: int, steps: int,
+                                 seed: int = 0, segment_threshold: float = 1.75,
+                                 kernels: str = "engine", device: str | None = None, log=print):
+    """A RewardModel trained by RewardTrainer on the task's noisy preference pairs, started from
+    ``policy``'s body, its score mode the one ``reward_kind`` reads (bandit: last; token:
+    token_mean; segment: segment, with ``policy`` as the entropy model)."""
+    from rlengine.reward.config import RewardTrainerConfig
+    from rlengine.reward.job import seeded_reward_model
+    from rlengine.reward.trainer import RewardTrainer
+
+    score_mode = SCORE_MODE_OF_REWARD_KIND[reward_kind]
+    train_pairs = task.preference_pairs(pairs, seed=seed + 1)
+    # the reward acceptance's settings for the tiny task (rlengine/reward/acceptance.py)
+    config = RewardTrainerConfig(lr=2e-3, batch_size=32, steps=steps, schedule="constant",
+                                 adam_beta2=0.999, max_grad_norm=None, score_mode=score_mode,
+                                 segment_threshold=segment_threshold, seed=seed, progress=False,
+                                 log_every=0, save_model=False)
+    model = seeded_reward_model(task.make_reward_backbone(from_policy=policy), 97 * seed)
+    log(f"training a {score_mode} reward model on {pairs} synthetic pairs ({steps} steps)")
+    RewardTrainer(model, task.tokenizer, train_pairs, config,
+                  entropy_model=policy if score_mode == "segment" else None, device=device,
+                  kernels=kernels, log=lambda *_: None).train()
+    return model.eval()
+
+
+def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: float,
+                  prompts_per_iteration: int = 1, log=print) -> PPOJob:
+    """The policy, prompts, reward (and normalizer), critic and evaluation that ``config``
+    names; a ConfigError for a combination that cannot work."""
+    from rlengine.policy.normalizer import LocationNormalizer
+    from rlengine.policy.rollout import make_critic
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    synthetic_data = config.data == SYNTHETIC
+    task = synthetic_task(config.synthetic_task_seed) \
+        if synthetic_data or config.model == SYNTHETIC else None
+    if synthetic_data:
+        prompts: list[Any] = task.prompts(config.synthetic_prompts, seed=config.data_seed + 1)
+        if config.limit:
+            prompts = prompts[:config.limit]
+    else:
+        next(iter(_rows(config.data, config.split)), None)  # a missing file is a ConfigError
+        prompts = [p.prompt for p in load_prompts(config.data, split=config.split,
+                                                  limit=config.limit)]
+    if len(prompts) < prompts_per_iteration:
+        raise ConfigError(f"prompts_per_iteration ({prompts_per_iteration}) is larger than the "
+                          f"number of prompts ({len(prompts)})")
+    reward = config.reward
+    if reward == "auto":
+        reward = "model" if config.reward_model else ("gold" if synthetic_data else None)
+        if reward is None:
+            raise ConfigError("no reward: set reward_model (a RewardModel folder) for data "
+                              f"{config.data!r}")
+    if reward in ("gold", "train") and not synthetic_data:
+        raise ConfigError(f"reward {reward!r} is the synthetic task's: it needs data "
+                          f"'synthetic'")
+    if reward == "model" and not config.reward_model:
+        raise ConfigError("reward 'model' needs reward_model: a RewardModel folder")
+    if reward == "gold" and reward_kind != "bandit":
+        raise ConfigError(f"reward 'gold' is one number per response (reward_kind 'bandit'); "
+                          f"reward_kind {reward_kind!r} needs a reward model (reward 'model' or "
+                          f"'train')")
+    if config.critic == "reward_model" and reward == "gold":
+        raise ConfigError("critic 'reward_model' needs a reward model (reward 'model' or "
+                          "'train')")
+    normalizer_file = config.normalizer not in ("auto", "fit", "none")
+    if normalizer_file and not Path(config.normalizer).is_file():
+        raise ConfigError(f"normalizer {config.normalizer!r} is neither auto, fit, none nor an "
+                          f"existing JSON file")
+    if reward_kind == "bandit" and config.normalizer not in ("auto", "none"):
+        raise ConfigError("a location normalizer applies to token and segment rewards; "
+                          "reward_kind is 'bandit'")
+    reward_model = load_reward_model(config.reward_model) if reward == "model" else None
+
+    # after the cheap checks: the synthetic policy trains for seconds
+    if config.model == SYNTHETIC:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        policy, tokenizer = task.sft_policy(), task.tokenizer
+    else:
+        policy = load_causal_lm(config.model, "model")
+        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+
+    kwargs: dict[str, Any] = {"kernels": config.kernels}
+    if synthetic_data:
+        gold = functools.partial(_gold, task)
+        kwargs["gold_fn"] = gold
+        heldout = task.prompts(config.synthetic_eval_prompts, seed=config.data_seed + 900)
+        kwargs["evaluate"] = functools.partial(evaluate_synthetic, task, heldout,
+                                               seed=config.data_seed)
+        if reward == "gold":
+            kwargs["reward_fn"] = gold
+    if reward == "train":
+        reward_model = train_synthetic_reward_model(
+            task, policy, reward_kind=reward_kind, pairs=config.synthetic_rm_pairs,
+            steps=config.synthetic_rm_steps, seed=config.data_seed,
+            segment_threshold=segment_threshold, kernels=config.kernels, device=config.device,
+            log=log)
+    normalizer = None
+    if reward_model is not None:
+        kwargs["reward_model"] = reward_model
+        if normalizer_file:
+            normalizer = LocationNormalizer.load(config.normalizer)
+            if reward_kind == "segment" and normalizer.threshold is not None \
+                    and normalizer.threshold != segment_threshold:
+                log(f"warning: normalizer {config.normalizer} was fitted at threshold "
+                    f"{normalizer.threshold}, PPO segments at {segment_threshold}")
+        elif reward_kind != "bandit" and config.normalizer in ("auto", "fit"):
+            normalizer = _fit_normalizer_now(config, task, reward_model, policy, tokenizer,
+                                             reward_kind, segment_threshold, log)
+        if normalizer is not None:
+            kwargs["normalizer"] = normalizer.parameters
+        if config.critic == "reward_model":
+            kwargs["critic"] = make_critic(reward_model=reward_model)
+    log(f"prompts: {len(prompts)}; reward: {reward}"
+        + (f" ({reward_kind})" if reward != "gold" else "")
+        + (f"; normalizer mu(p) = {normalizer.a_mu:.3f} log p + {normalizer.b_mu:.3f}, "
+           f"sigma(p) = {normalizer.a_sigma:.3f} log p + {normalizer.b_sigma:.3f}"
+           if normalizer is not None else ""))
+    return PPOJob(policy, tokenizer, prompts, kwargs, task, normalizer)
+
+
+def _fit_normalizer_now(config: PPOJobConfig, task, reward_model, policy, tokenizer,
+                        reward_kind: str, segment_threshold: float, log):
+    """The normalizer of this reward model and threshold, fitted on the synthetic task's pairs
+    or on normalizer_data, with the (initial) policy as entropy model."""
+    if config.normalizer_data:
+        fit_config = NormalizerJobConfig(data=config.normalizer_data, reward_model="-",
+                                         output="-")
+        texts = _fitting_texts(fit_config)
+    elif task is not None and config.data == SYNTHETIC:
+        pairs = task.preference_pairs(config.synthetic_normalizer_pairs,
+                                      seed=config.data_seed + 300)
+        texts = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
+    else:
+        raise ConfigError("fitting the normalizer needs texts: set normalizer_data (a file of "
+                          "pairs or {prompt, responses}) or give a normalizer JSON file")
+    threshold = segment_threshold if reward_kind == "segment" else TOKEN_LEVEL_THRESHOLD
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    normalizer, _, _ = fit_location_normalizer(
+        reward_model, policy, tokenizer, texts, threshold=threshold, kernels=config.kernels,
+        device=device, model=config.reward_model or "trained now", log=log)
+    return normalizer

@@ -509,6 +509,26 @@ def next_token_entropy(entropy: torch.Tensor) -> torch.Tensor:
     return F.pad(entropy[:, 1:], (0, 1))
 
 
+class PolicyLogprobs(torch.nn.Module):
+    """What data parallelism wraps for a trainer of the policy: the policy computing the
+    token-aligned log-probs (and entropies with ``with_entropy``) of given responses through
+    ``sequence_logprobs`` (the fused LM-head path inside), so that DDP's hooks reduce every
+    parameter's gradient."""
+
+    def __init__(self, policy: PreTrainedModel, kernels: Kernels = "engine", *,
+                 temperature: float = 1.0, with_entropy: bool = False):
+        super().__init__()
+        self.policy = policy
+        self.kernels = kernels
+        self.temperature = temperature
+        self.with_entropy = with_entropy
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        return sequence_logprobs(self.policy, input_ids, attention_mask, response_mask,
+                                 temperature=self.temperature, with_entropy=self.with_entropy,
+                                 kernels=self.kernels)
+
+
 # ---- the critic -----------------------------------------------------------------------------
 
 def make_critic(*, policy: PreTrainedModel | None = None,
@@ -535,3 +555,10 @@ def make_critic(*, policy: PreTrainedModel | None = None,
 def critic_values(critic: RewardModel, rollout: Rollout) -> torch.Tensor:
     """The critic's values ``[B, T]`` on a rollout (left padding handled by position ids)."""
     return critic(rollout.input_ids, rollout.attention_mask, rollout.position_ids).values
+
+
+def action_values(values: torch.Tensor) -> torch.Tensor:
+    """Per-position critic values ``[B, T]`` (column t: the state after token t) shifted to the
+    token alignment of log-probs and rewards: column t gets V of the state *before* token t,
+    the state in which token t was chosen (column 0 gets 0; it is never a response token)."""
+    return F.pad(values[:, :-1], (1, 0))

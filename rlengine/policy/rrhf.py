@@ -34,6 +34,7 @@ from rlengine.data.types import PromptExample, RankedExample, Text
 from rlengine.policy.rewards import kl_estimate
 from rlengine.policy.rollout import (
     Kernels,
+    PolicyLogprobs,
     SamplingConfig,
     generate_rollout,
     kernel_ops,
@@ -160,20 +161,6 @@ class Query:
     fixed: list[Candidate] = field(default_factory=list)
 
 
-class _PolicyLogprobs(torch.nn.Module):
-    """What data parallelism wraps: the policy computing its candidates' token log-probs (the
-    fused LM-head path inside), so every parameter's gradient is reduced by DDP's hooks."""
-
-    def __init__(self, policy: torch.nn.Module, kernels: Kernels):
-        super().__init__()
-        self.policy = policy
-        self.kernels = kernels
-
-    def forward(self, input_ids, attention_mask, response_mask):
-        return sequence_logprobs(self.policy, input_ids, attention_mask, response_mask,
-                                 kernels=self.kernels)
-
-
 @dataclass
 class RRHFResult:
     """``history``: every logged record; ``evaluations``: the evaluation records (step, round
@@ -274,7 +261,7 @@ class RRHFTrainer:
             self.reference = copy.deepcopy(policy if reference_model is None
                                            else reference_model).to(self.device).eval()
             self.reference.requires_grad_(False)
-        self.module = _PolicyLogprobs(self.policy, kernels)
+        self.module = PolicyLogprobs(self.policy, kernels)
         self.wrapped = data_parallel(self.module, self.dist)
         self.optimizer, self.scheduler = adamw_with_schedule(self.policy.parameters(), config,
                                                              self.total_steps)
