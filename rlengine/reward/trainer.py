@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from rlengine import ops
-from rlengine.configs import to_yaml
 from rlengine.data.tokenize import (
     PreferenceDataset,
     RankedDataset,
@@ -39,14 +38,16 @@ from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
 from rlengine.training.loop import (
+    RunResult,
     adamw_with_schedule,
+    autocast,
     autocast_dtype,
     data_parallel,
-    open_checkpoints,
+    load_checkpoint_state,
     progress_bar,
     reduce_step_record,
-    refuse_resume,
-    resume_conflicts,
+    save_checkpoint,
+    start_run,
     step_seed,
 )
 from rlengine.training.metrics import MetricsLogger
@@ -55,16 +56,13 @@ MetaPrompt = tuple[Text, Sequence[Text]]
 
 
 @dataclass
-class RewardTrainResult:
+class RewardTrainResult(RunResult):
     """``metrics``: the final evaluation, ``{set name: {accuracy, loss, reward_mean,
     reward_std, pairs}}``; ``history``: every logged record (training and evaluation)."""
 
     steps: int
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    model_dir: Path | None = None
 
 
 class _TrainModule(torch.nn.Module):
@@ -248,9 +246,7 @@ class RewardTrainer:
         return self.ops.segment_reduce(values, segment_ids, counts, reduce="end_mean").float()
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     @staticmethod
     def _pair_rows(batch: dict[str, torch.Tensor], repeat: int = 1):
@@ -381,13 +377,9 @@ class RewardTrainer:
     def train(self) -> RewardTrainResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from = open_checkpoints(
-            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
-            load=self.load_checkpoint, log=self.log, total_steps=self.total_steps)
-        logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
-                               enabled=self.dist.is_main, resume_step=resumed_from)
-        if self.dist.is_main and cfg.output_dir:
-            (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+        checkpoints, resumed_from, logger = start_run(
+            cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
+            total_steps=self.total_steps)
         if resumed_from is None:
             self.log(f"training on {len(self.train_data)} pairs "
                      f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
@@ -433,8 +425,8 @@ class RewardTrainer:
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
             model_dir = self.model.save_pretrained(Path(cfg.output_dir) / "model", self.tokenizer)
         self.dist.barrier()
-        return RewardTrainResult(self.step, metrics, self.history, resumed_from,
-                                 time.perf_counter() - began, model_dir)
+        return RewardTrainResult(self.step, metrics, self.history, resumed_from=resumed_from,
+                                 seconds=time.perf_counter() - began, model_dir=model_dir)
 
     def _record(self, logger: MetricsLogger, values: dict[str, Any]) -> None:
         self.history.append({"step": self.step, **values})
@@ -488,17 +480,12 @@ class RewardTrainer:
                 "scheduler": self.scheduler.state_dict(), "history": self.history}
 
     def save_checkpoint(self, checkpoints: CheckpointManager) -> None:
-        if self.dist.is_main:
-            checkpoints.save(self.step, self.state_dict())
-        self.dist.barrier()
+        save_checkpoint(checkpoints, self.step, self.state_dict, self.dist)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        state = CheckpointManager.load(path)
-        saved = state["config"]
-        changed = resume_conflicts(saved, self.config, RewardTrainerConfig.RESUME_INVARIANT)
-        if state["train_pairs"] != len(self.train_data):
-            changed.append(f"training pairs: {state['train_pairs']} -> {len(self.train_data)}")
-        refuse_resume(path, changed)
+        state = load_checkpoint_state(path, self.config, RewardTrainerConfig.RESUME_INVARIANT,
+                                      size_key="train_pairs", size=len(self.train_data),
+                                      size_name="training pairs")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
