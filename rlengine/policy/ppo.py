@@ -81,7 +81,6 @@ from rlengine.training.loop import (
     evaluate_on_main,
     gather_chunks,
     load_checkpoint_state,
-    progress_bar,
     reduce_step_record,
     save_checkpoint,
     save_policy,
@@ -637,22 +636,23 @@ class PPOTrainer:
         self.history.append({"step": self.iteration, **values})
         logger.log(self.iteration, values)
 
+    def _describe(self) -> str:
+        cfg = self.config
+        reward = (f"{self.rewards.kind} rewards of a reward model"
+                  if isinstance(self.rewards, RewardModelRewards) else "a reward function")
+        return (f"PPO on {len(self.prompts)} prompts: {cfg.iterations} iteration(s) of "
+                f"{cfg.rollout_rows} responses, {cfg.ppo_epochs} epoch(s) of "
+                f"{cfg.mini_batch_size}-response mini-batches, {reward}, "
+                f"{self.dist.world_size} process(es) on {self.device}")
+
     def train(self) -> PPOResult:
         """Run the remaining iterations (all of them, or those after the newest checkpoint)."""
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from, logger = start_run(
+        checkpoints, resumed_from, logger, progress = start_run(
             cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
-            total_steps=cfg.iterations)
-        if resumed_from is None:
-            reward = (f"{self.rewards.kind} rewards of a reward model"
-                      if isinstance(self.rewards, RewardModelRewards) else "a reward function")
-            self.log(f"PPO on {len(self.prompts)} prompts: {cfg.iterations} iteration(s) of "
-                     f"{cfg.rollout_rows} responses, {cfg.ppo_epochs} epoch(s) of "
-                     f"{cfg.mini_batch_size}-response mini-batches, {reward}, "
-                     f"{self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, cfg.iterations,
-                                self.iteration, "ppo")
+            total_steps=cfg.iterations, position=lambda: self.iteration,
+            describe=self._describe, desc="ppo")
         try:
             if self.iteration == 0:
                 self._evaluate(logger)

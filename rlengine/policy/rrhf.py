@@ -50,9 +50,12 @@ from rlengine.training.loop import (
     autocast_dtype,
     data_parallel,
     evaluate_on_main,
+    finish_step_record,
     gather_chunks,
     load_checkpoint_state,
-    progress_bar,
+    micro_batch_size,
+    optimizer_step,
+    process_micro_batches,
     reduce_step_record,
     save_checkpoint,
     save_policy,
@@ -244,11 +247,8 @@ class RRHFTrainer:
             raise ValueError("no query has 2 or more candidates: set policy_samples > 0 or give "
                              "queries with responses")
 
-        world, accum = self.dist.world_size, config.grad_accum
-        if config.queries_per_step % (world * accum):
-            raise ValueError(f"queries_per_step ({config.queries_per_step}) must divide into "
-                             f"grad_accum ({accum}) x processes ({world}) equal micro-batches")
-        self.micro_batch = config.queries_per_step // (world * accum)
+        self.micro_batch = micro_batch_size(config.queries_per_step, "queries_per_step",
+                                            self.dist, config.grad_accum)
         self.steps_per_epoch = len(self.queries) // config.queries_per_step
         if self.steps_per_epoch == 0:
             raise ValueError(f"queries_per_step ({config.queries_per_step}) is larger than the "
@@ -421,10 +421,8 @@ class RRHFTrainer:
         return self._order[1][position * size:(position + 1) * size]
 
     def _micro_batches(self, step: int) -> list[list[int]]:
-        indices = self._step_queries(step)
-        world, rank, size = self.dist.world_size, self.dist.rank, self.micro_batch
-        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size]
-                for m in range(self.config.grad_accum)]
+        return process_micro_batches(self._step_queries(step), self.dist, self.micro_batch,
+                                     self.config.grad_accum)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -484,19 +482,10 @@ class RRHFTrainer:
                 (loss / cfg.grad_accum).backward()
             for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                       cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.policy.parameters(), self.optimizer, self.scheduler,
+                                       cfg.max_grad_norm)
         record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
-        record["train/lr"] = lr
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
-        record["train/tokens"] = tokens
-        return record
+        return finish_step_record(record, lr, grad_norm, tokens)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -512,16 +501,13 @@ class RRHFTrainer:
     def train(self) -> RRHFResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from, logger = start_run(
+        checkpoints, resumed_from, logger, progress = start_run(
             cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
-            total_steps=self.total_steps)
-        if resumed_from is None:
-            self.log(f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
-                     f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
-                     f"{cfg.policy_samples} policy sample(s) per query per round, "
-                     f"{self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
-                                "rrhf")
+            total_steps=self.total_steps, position=lambda: self.step, describe=lambda: (
+                f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
+                f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
+                f"{cfg.policy_samples} policy sample(s) per query per round, "
+                f"{self.dist.world_size} process(es) on {self.device}"), desc="rrhf")
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
             if self.step == 0:

@@ -43,8 +43,11 @@ from rlengine.training.loop import (
     autocast,
     autocast_dtype,
     data_parallel,
+    finish_step_record,
     load_checkpoint_state,
-    progress_bar,
+    micro_batch_size,
+    optimizer_step,
+    process_micro_batches,
     reduce_step_record,
     save_checkpoint,
     start_run,
@@ -149,11 +152,8 @@ class RewardTrainer:
             # is often the SFT policy, which other models are copied from) and stay untouched.
             entropy_model.to(self.device)
 
-        world, accum = self.dist.world_size, config.grad_accum
-        if config.batch_size % (world * accum):
-            raise ValueError(f"batch_size ({config.batch_size}) must divide into grad_accum "
-                             f"({accum}) x processes ({world}) equal micro-batches")
-        self.micro_batch = config.batch_size // (world * accum)
+        self.micro_batch = micro_batch_size(config.batch_size, "batch_size", self.dist,
+                                            config.grad_accum)
         self.steps_per_epoch = len(self.train_data) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
@@ -196,10 +196,8 @@ class RewardTrainer:
 
     def _micro_batches(self, step: int) -> list[list[int]]:
         """This process's share of each micro-batch of ``step``."""
-        indices = self._step_indices(step)
-        world, rank, size = self.dist.world_size, self.dist.rank, self.micro_batch
-        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size]
-                for m in range(self.config.grad_accum)]
+        return process_micro_batches(self._step_indices(step), self.dist, self.micro_batch,
+                                     self.config.grad_accum)
 
     def _batch(self, dataset: PreferenceDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         batch = dataset.collate([dataset[i] for i in indices])
@@ -357,36 +355,25 @@ class RewardTrainer:
                 parts["loss"] = loss.detach()
                 for key, value in parts.items():
                     sums[key] = sums[key] + value if key in sums else value
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
-                                                       cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.module.parameters(), self.optimizer, self.scheduler,
+                                       cfg.max_grad_norm)
         # every logged number in one tensor: one copy to the host, one all-reduce
         record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
         if isinstance(ascent, MetaAscent):
             record["train/metarm_objective"] = ascent.value
-        record["train/lr"] = lr
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
-        record["train/tokens"] = tokens
-        return record
+        return finish_step_record(record, lr, grad_norm, tokens)
 
     def train(self) -> RewardTrainResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from, logger = start_run(
+        checkpoints, resumed_from, logger, progress = start_run(
             cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
-            total_steps=self.total_steps)
-        if resumed_from is None:
-            self.log(f"training on {len(self.train_data)} pairs "
-                     f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
-                     f"{self.train_data.truncation}), {self.total_steps} steps of "
-                     f"{cfg.batch_size}, {self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
-                                "reward model")
+            total_steps=self.total_steps, position=lambda: self.step, describe=lambda: (
+                f"training on {len(self.train_data)} pairs "
+                f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
+                f"{self.train_data.truncation}), {self.total_steps} steps of "
+                f"{cfg.batch_size}, {self.dist.world_size} process(es) on {self.device}"),
+            desc="reward model")
         metrics: dict[str, dict[str, float]] = {}
         window_start, window_tokens = time.perf_counter(), 0.0
         try:

@@ -57,10 +57,13 @@ def open_checkpoints(output_dir: str | None, *, keep_last: int, resume: bool,
 
 
 def start_run(config: Any, *, dist: DistributedContext, load: Callable[[Path], int], log,
-              total_steps: int) -> tuple[CheckpointManager | None, int | None, MetricsLogger]:
+              total_steps: int, position: Callable[[], int], describe: Callable[[], str],
+              desc: str):
     """The opening of a trainer's train(): its checkpoints and the step it resumed from (see
-    open_checkpoints), its metrics logger, and config.yaml in the output directory. ``config``
-    has output_dir, keep_checkpoints, resume and tensorboard."""
+    open_checkpoints), its metrics logger (config.yaml written beside it), ``describe()``
+    logged when the run starts fresh, and a progress bar from ``position()`` (read after the
+    resume) to ``total_steps``. ``config`` has output_dir, keep_checkpoints, resume,
+    tensorboard and progress. Returns (checkpoints, resumed_from, logger, progress)."""
     checkpoints, resumed_from = open_checkpoints(
         config.output_dir, keep_last=config.keep_checkpoints, resume=config.resume, dist=dist,
         load=load, log=log, total_steps=total_steps)
@@ -68,7 +71,10 @@ def start_run(config: Any, *, dist: DistributedContext, load: Callable[[Path], i
                            enabled=dist.is_main, resume_step=resumed_from)
     if dist.is_main and config.output_dir:
         (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config))
-    return checkpoints, resumed_from, logger
+    if resumed_from is None:
+        log(describe())
+    progress = progress_bar(config.progress and dist.is_main, total_steps, position(), desc)
+    return checkpoints, resumed_from, logger, progress
 
 
 def save_checkpoint(checkpoints: CheckpointManager, step: int,
@@ -128,6 +134,48 @@ def evaluate_on_main(evaluate_fn: Callable[[torch.nn.Module], dict[str, Any]],
         finally:
             model.train(was_training)
     return dist.broadcast_object(results)
+
+
+def micro_batch_size(batch: int, name: str, dist: DistributedContext, grad_accum: int) -> int:
+    """The rows of one micro-batch of one process, or a ValueError when the global ``batch``
+    (the option ``name``) does not split into grad_accum x processes equal parts."""
+    world = dist.world_size
+    if batch % (world * grad_accum):
+        raise ValueError(f"{name} ({batch}) must divide into grad_accum ({grad_accum}) x "
+                         f"processes ({world}) equal micro-batches")
+    return batch // (world * grad_accum)
+
+
+def process_micro_batches(indices: Sequence[int], dist: DistributedContext, size: int,
+                          grad_accum: int) -> list[list[int]]:
+    """This process's share (``size`` rows) of each of a step's ``grad_accum`` micro-batches:
+    micro-batch m is ``indices[m * world * size:(m + 1) * world * size]``, split by rank."""
+    world, rank = dist.world_size, dist.rank
+    return [indices[(m * world + rank) * size:(m * world + rank + 1) * size]
+            for m in range(grad_accum)]
+
+
+def optimizer_step(parameters, optimizer, scheduler, max_grad_norm: float | None
+                   ) -> tuple[torch.Tensor | None, float]:
+    """Clips the gradients (when ``max_grad_norm`` is set), steps the optimizer and the
+    schedule; the gradient norm before clipping (None without) and the step's learning rate."""
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    return grad_norm, lr
+
+
+def finish_step_record(record: dict[str, float], lr: float, grad_norm: torch.Tensor | None,
+                       tokens: float) -> dict[str, float]:
+    """``record`` with the step's learning rate, gradient norm (where clipped) and tokens."""
+    record["train/lr"] = lr
+    if grad_norm is not None:
+        record["train/grad_norm"] = float(grad_norm)
+    record["train/tokens"] = tokens
+    return record
 
 
 def reduce_step_record(sums: dict[str, torch.Tensor], dist: DistributedContext, scale: float
