@@ -498,16 +498,20 @@ class RRHFTrainer:
         self._record(logger, record)
         self.log(f"round {round_index} " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
+    def _describe(self) -> str:
+        cfg = self.config
+        return (f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
+                f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
+                f"{cfg.policy_samples} policy sample(s) per query per round, "
+                f"{self.dist.world_size} process(es) on {self.device}")
+
     def train(self) -> RRHFResult:
         cfg = self.config
         began = time.perf_counter()
         checkpoints, resumed_from, logger, progress = start_run(
             cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
-            total_steps=self.total_steps, position=lambda: self.step, describe=lambda: (
-                f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
-                f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
-                f"{cfg.policy_samples} policy sample(s) per query per round, "
-                f"{self.dist.world_size} process(es) on {self.device}"), desc="rrhf")
+            total_steps=self.total_steps, position=lambda: self.step, describe=self._describe,
+            desc="rrhf")
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
             if self.step == 0:

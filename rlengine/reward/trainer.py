@@ -363,16 +363,18 @@ class RewardTrainer:
             record["train/metarm_objective"] = ascent.value
         return finish_step_record(record, lr, grad_norm, tokens)
 
+    def _describe(self) -> str:
+        return (f"training on {len(self.train_data)} pairs "
+                f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
+                f"{self.train_data.truncation}), {self.total_steps} steps of "
+                f"{self.config.batch_size}, {self.dist.world_size} process(es) on {self.device}")
+
     def train(self) -> RewardTrainResult:
         cfg = self.config
         began = time.perf_counter()
         checkpoints, resumed_from, logger, progress = start_run(
             cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
-            total_steps=self.total_steps, position=lambda: self.step, describe=lambda: (
-                f"training on {len(self.train_data)} pairs "
-                f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
-                f"{self.train_data.truncation}), {self.total_steps} steps of "
-                f"{cfg.batch_size}, {self.dist.world_size} process(es) on {self.device}"),
+            total_steps=self.total_steps, position=lambda: self.step, describe=self._describe,
             desc="reward model")
         metrics: dict[str, dict[str, float]] = {}
         window_start, window_tokens = time.perf_counter(), 0.0
