@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import free_port
-from safetensors.torch import load_file
+from helpers import (
+    assert_close_run,
+    assert_same_run,
+    checkpoint_steps,
+    kill_after_checkpoint,
+    main_exit,
+    run_cli,
+    run_two_process_torchrun,
+    save_sft_policy,
+)
 
 from rlengine import cli
 from rlengine.policy import RRHFConfig
@@ -29,17 +32,12 @@ from rlengine.reward import RewardModel
 from rlengine.training.metrics import read_metrics
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 TASK = synthetic_task(0)
-TIMED_KEYS = ("train/tokens_per_second",)
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sft") / "policy"
-    TASK.sft_policy().save_pretrained(path)
-    TASK.tokenizer.save_pretrained(path)
-    return path
+    return save_sft_policy(TASK, tmp_path_factory.mktemp("sft") / "policy")
 
 
 def _small(policy_dir: Path) -> list[str]:
@@ -50,42 +48,14 @@ def _small(policy_dir: Path) -> list[str]:
             "--threads", "1", "--progress", "false"]
 
 
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlengine.cli", "rrhf", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(*args), capture_output=True, text=True, cwd=REPO,
-                            env=_env(), timeout=300)
-    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in TIMED_KEYS} for r in records]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "model" / "model.safetensors")
-
-
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(["rrhf", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return main_exit(["rrhf", *argv], capsys)
 
 
 @pytest.fixture(scope="module")
 def reference_run(policy_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    _run([*_small(policy_dir), "--output-dir", str(out)])
+    run_cli("rrhf", *_small(policy_dir), "--output-dir", str(out))
     return out
 
 
@@ -129,61 +99,26 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path, capsys, flags, messag
     assert "Traceback" not in err
 
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    return [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(policy_dir, reference_run, tmp_path):
     out = tmp_path / "killed"
-    args = [*_small(policy_dir), "--output-dir", str(out)]
-    process = subprocess.Popen(_command(*args), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not [step for step in _checkpoint_steps(out) if step >= 3]:
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint beyond step 3 appeared"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "final_metrics.json").exists(), "the run finished before the kill"
-    killed_at = max(_checkpoint_steps(out))
+    args = ["rrhf", *_small(policy_dir), "--output-dir", str(out)]
+    kill_after_checkpoint(args, out, 3)
+    killed_at = max(checkpoint_steps(out))
     assert killed_at < 32
 
-    resumed = _run(args)
+    resumed = run_cli(*args)
     assert "resumed from" in resumed.stdout
-    assert json.loads((out / "final_metrics.json").read_text()) == \
-        json.loads((reference_run / "final_metrics.json").read_text())
-    assert _untimed(read_metrics(out)) == _untimed(read_metrics(reference_run))
-    expected = _weights(reference_run)
-    for name, tensor in _weights(out).items():
-        assert torch.equal(tensor, expected[name]), name
+    assert_same_run(out, reference_run)
 
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(policy_dir, reference_run, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "rlengine.cli", "rrhf", *_small(policy_dir), "--save-every", "0",
-               "--output-dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(),
-                            timeout=300)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    result = run_two_process_torchrun(["rrhf", *_small(policy_dir), "--save-every", "0",
+                                       "--output-dir", str(out)])
     assert "2 process(es)" in result.stdout and result.stdout.count("policy: ") == 1
-    records, expected = _untimed(read_metrics(out)), _untimed(read_metrics(reference_run))
-    assert [r["step"] for r in records] == [r["step"] for r in expected]
-    for got, want in zip(records, expected):
-        assert sorted(got) == sorted(want)
-        for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-3), (got["step"], key)
-    expected_weights = _weights(reference_run)
-    for name, tensor in _weights(out).items():
-        torch.testing.assert_close(tensor, expected_weights[name], atol=1e-4, rtol=1e-3,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_close_run(out, reference_run, metrics_tol=1e-3, atol=1e-4, rtol=1e-3)
 
 
 def test_data_files_response_files_and_a_reward_model(policy_dir, tmp_path, capsys):

@@ -8,19 +8,21 @@ subprocesses load it instead of training it again."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import free_port
-from safetensors.torch import load_file
+from helpers import (
+    assert_close_run,
+    assert_same_run,
+    checkpoint_steps,
+    kill_after_checkpoint,
+    main_exit,
+    run_cli,
+    run_two_process_torchrun,
+    save_sft_policy,
+)
 
 from rlengine import cli
 from rlengine.policy import PPOConfig
@@ -29,18 +31,13 @@ from rlengine.reward import RewardModel
 from rlengine.training.metrics import read_metrics
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 TASK = synthetic_task(0)
-TIMED_KEYS = ("train/tokens_per_second",)
 ITERATIONS = 6
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sft") / "policy"
-    TASK.sft_policy().save_pretrained(path)
-    TASK.tokenizer.save_pretrained(path)
-    return path
+    return save_sft_policy(TASK, tmp_path_factory.mktemp("sft") / "policy")
 
 
 def _small(policy_dir: Path) -> list[str]:
@@ -54,42 +51,14 @@ def _small(policy_dir: Path) -> list[str]:
             "--progress", "false"]
 
 
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlengine.cli", "ppo", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(*args), capture_output=True, text=True, cwd=REPO,
-                            env=_env(), timeout=300)
-    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in TIMED_KEYS} for r in records]
-
-
-def _weights(run_dir: Path, what: str = "model") -> dict[str, torch.Tensor]:
-    return load_file(run_dir / what / "model.safetensors")
-
-
 def _main(argv: list[str], capsys, command: str = "ppo") -> tuple[int, str, str]:
-    try:
-        code = cli.main([command, *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return main_exit([command, *argv], capsys)
 
 
 @pytest.fixture(scope="module")
 def reference_run(policy_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    _run([*_small(policy_dir), "--output-dir", str(out)])
+    run_cli("ppo", *_small(policy_dir), "--output-dir", str(out))
     return out
 
 
@@ -140,62 +109,26 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path, capsys, flags, messag
     assert "Traceback" not in err
 
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    return [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(policy_dir, reference_run, tmp_path):
     out = tmp_path / "killed"
-    args = [*_small(policy_dir), "--output-dir", str(out)]
-    process = subprocess.Popen(_command(*args), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not [step for step in _checkpoint_steps(out) if step >= 2]:
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint beyond iteration 2 appeared"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "final_metrics.json").exists(), "the run finished before the kill"
-    assert max(_checkpoint_steps(out)) < ITERATIONS
+    args = ["ppo", *_small(policy_dir), "--output-dir", str(out)]
+    kill_after_checkpoint(args, out, 2, unit="iteration")
+    assert max(checkpoint_steps(out)) < ITERATIONS
 
-    resumed = _run(args)
+    resumed = run_cli(*args)
     assert "resumed from" in resumed.stdout
-    assert json.loads((out / "final_metrics.json").read_text()) == \
-        json.loads((reference_run / "final_metrics.json").read_text())
-    assert _untimed(read_metrics(out)) == _untimed(read_metrics(reference_run))
-    for what in ("model", "critic"):
-        expected = _weights(reference_run, what)
-        for name, tensor in _weights(out, what).items():
-            assert torch.equal(tensor, expected[name]), (what, name)
+    assert_same_run(out, reference_run, models=("model", "critic"))
 
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(policy_dir, reference_run, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "rlengine.cli", "ppo", *_small(policy_dir), "--save-every", "0",
-               "--output-dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(),
-                            timeout=300)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    result = run_two_process_torchrun(["ppo", *_small(policy_dir), "--save-every", "0",
+                                       "--output-dir", str(out)])
     assert "2 process(es)" in result.stdout and result.stdout.count("policy: ") == 1
-    records, expected = _untimed(read_metrics(out)), _untimed(read_metrics(reference_run))
-    assert [r["step"] for r in records] == [r["step"] for r in expected]
-    for got, want in zip(records, expected):
-        assert sorted(got) == sorted(want)
-        for key, value in want.items():
-            assert got[key] == pytest.approx(value, rel=2e-3, abs=2e-3), (got["step"], key)
-    for what in ("model", "critic"):
-        expected_weights = _weights(reference_run, what)
-        for name, tensor in _weights(out, what).items():
-            torch.testing.assert_close(tensor, expected_weights[name], atol=2e-4, rtol=2e-3,
-                                       msg=lambda m, name=name: f"{what} {name}: {m}")
+    assert_close_run(out, reference_run, metrics_tol=2e-3, atol=2e-4, rtol=2e-3,
+                     models=("model", "critic"))
 
 
 def test_segment_rewards_from_a_reward_model_folder_and_a_fitted_normalizer(

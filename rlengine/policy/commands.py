@@ -109,26 +109,42 @@ def resolve_rrhf(args: argparse.Namespace) -> tuple[RRHFJobConfig, RRHFConfig]:
     return job, trainer
 
 
-def run_rrhf(args: argparse.Namespace) -> int:
-    from rlengine.policy.rrhf import RRHFTrainer
-
-    job_config, config = resolve_rrhf(args)
+def _open_run(args: argparse.Namespace, resolve):
+    """The (job config, trainer config) that ``resolve`` makes of the arguments and the log
+    function of this process; None after --print-config has printed them."""
+    job_config, config = resolve(args)
     main = _is_main_process()
     if args.print_config:
         if main:
             print(configs.to_yaml(job_config) + configs.to_yaml(config), end="")
-        return 0
+        return None
     log = print if main else (lambda *_: None)
     if not (config.progress and main):
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    job = build_rrhf_job(job_config, policy_samples=config.policy_samples, log=log)
+    return job_config, config, log
+
+
+def _make_trainer(trainer_class, job, data, config, *, device, log):
+    """``trainer_class`` on a job's policy and data; its option errors are ConfigErrors."""
     try:
-        trainer = RRHFTrainer(job.policy, job.tokenizer, job.queries, config,
-                              device=job_config.device, log=log, **job.trainer_kwargs)
+        return trainer_class(job.policy, job.tokenizer, data, config, device=device, log=log,
+                             **job.trainer_kwargs)
     except ValueError as error:
         raise configs.ConfigError(str(error)) from None
+
+
+def run_rrhf(args: argparse.Namespace) -> int:
+    from rlengine.policy.rrhf import RRHFTrainer
+
+    opened = _open_run(args, resolve_rrhf)
+    if opened is None:
+        return 0
+    job_config, config, log = opened
+    job = build_rrhf_job(job_config, policy_samples=config.policy_samples, log=log)
+    trainer = _make_trainer(RRHFTrainer, job, job.queries, config, device=job_config.device,
+                            log=log)
     result = trainer.train()
     if trainer.dist.is_main:
         _report(result, config.output_dir, "round", {"steps": result.steps})
@@ -169,25 +185,15 @@ def resolve_ppo(args: argparse.Namespace) -> tuple[PPOJobConfig, PPOConfig]:
 def run_ppo(args: argparse.Namespace) -> int:
     from rlengine.policy.ppo import PPOTrainer
 
-    job_config, config = resolve_ppo(args)
-    main = _is_main_process()
-    if args.print_config:
-        if main:
-            print(configs.to_yaml(job_config) + configs.to_yaml(config), end="")
+    opened = _open_run(args, resolve_ppo)
+    if opened is None:
         return 0
-    log = print if main else (lambda *_: None)
-    if not (config.progress and main):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    job_config, config, log = opened
     job = build_ppo_job(job_config, reward_kind=config.reward_kind,
                         segment_threshold=config.segment_threshold,
                         prompts_per_iteration=config.prompts_per_iteration, log=log)
-    try:
-        trainer = PPOTrainer(job.policy, job.tokenizer, job.prompts, config,
-                             device=job_config.device, log=log, **job.trainer_kwargs)
-    except ValueError as error:
-        raise configs.ConfigError(str(error)) from None
+    trainer = _make_trainer(PPOTrainer, job, job.prompts, config, device=job_config.device,
+                            log=log)
     result = trainer.train()
     if trainer.dist.is_main:
         _report(result, config.output_dir, "iteration",

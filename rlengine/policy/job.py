@@ -99,11 +99,7 @@ def synthetic_task(seed: int):
 
 
 def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> RRHFJob:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    synthetic_data = config.data == SYNTHETIC
-    task = synthetic_task(config.synthetic_task_seed) \
-        if synthetic_data or config.model == SYNTHETIC else None
+    synthetic_data, task = _open_job(config)
 
     if synthetic_data:
         if config.synthetic_dataset_responses:
@@ -125,14 +121,7 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
         queries = add_response_files(queries, config.response_files, log)
 
     # after the data, whose errors are cheap to find; the synthetic policy trains for seconds
-    if config.model == SYNTHETIC:
-        if config.tokenizer:
-            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
-                              f"{config.tokenizer!r} cannot be used with it")
-        policy, tokenizer = task.sft_policy(), task.tokenizer
-    else:
-        policy = load_causal_lm(config.model, "model")
-        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+    policy, tokenizer = _load_policy(config, task)
 
     reward = config.reward
     if reward == "auto":
@@ -157,14 +146,40 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
             raise ConfigError(f"reward 'dataset' needs ranked data (2+ scored responses per "
                               f"prompt); query {missing[0]} has fewer")
     if synthetic_data:
-        heldout = task.prompts(config.synthetic_eval_prompts, seed=config.data_seed + 900)
-        kwargs["evaluate"] = functools.partial(evaluate_synthetic, task, heldout,
-                                               seed=config.data_seed)
+        kwargs["evaluate"], heldout = _synthetic_evaluation(config, task)
         log(f"synthetic task: {len(queries)} training prompts with "
             f"{config.synthetic_dataset_responses} noisy-expert response(s) each, gold reward, "
             f"{len(heldout)} held-out prompts for evaluation")
     kwargs["kernels"] = config.kernels
     return RRHFJob(policy, tokenizer, queries, kwargs, task)
+
+
+def _open_job(config: RRHFJobConfig | PPOJobConfig) -> tuple[bool, Any]:
+    """Sets torch's threads; whether the data is synthetic, and the synthetic task where the
+    data or the model is (else None)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    synthetic_data = config.data == SYNTHETIC
+    task = synthetic_task(config.synthetic_task_seed) \
+        if synthetic_data or config.model == SYNTHETIC else None
+    return synthetic_data, task
+
+
+def _load_policy(config: RRHFJobConfig | PPOJobConfig, task) -> tuple[torch.nn.Module, Any]:
+    """The policy and its tokenizer: the synthetic task's SFT policy, or a local folder's."""
+    if config.model == SYNTHETIC:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        return task.sft_policy(), task.tokenizer
+    return (load_causal_lm(config.model, "model"),
+            _load_tokenizer(config.tokenizer or config.model))
+
+
+def _synthetic_evaluation(config: RRHFJobConfig | PPOJobConfig, task):
+    """The held-out gold-reward evaluation of the synthetic task, and its prompts."""
+    heldout = task.prompts(config.synthetic_eval_prompts, seed=config.data_seed + 900)
+    return functools.partial(evaluate_synthetic, task, heldout, seed=config.data_seed), heldout
 
 
 def _gold(task, prompt: str, response: str, terminated: bool) -> float:
@@ -515,11 +530,7 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
     from rlengine.policy.normalizer import LocationNormalizer
     from rlengine.policy.rollout import make_critic
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    synthetic_data = config.data == SYNTHETIC
-    task = synthetic_task(config.synthetic_task_seed) \
-        if synthetic_data or config.model == SYNTHETIC else None
+    synthetic_data, task = _open_job(config)
     if synthetic_data:
         prompts: list[Any] = task.prompts(config.synthetic_prompts, seed=config.data_seed + 1)
         if config.limit:
@@ -559,22 +570,13 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
     reward_model = load_reward_model(config.reward_model) if reward == "model" else None
 
     # after the cheap checks: the synthetic policy trains for seconds
-    if config.model == SYNTHETIC:
-        if config.tokenizer:
-            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
-                              f"{config.tokenizer!r} cannot be used with it")
-        policy, tokenizer = task.sft_policy(), task.tokenizer
-    else:
-        policy = load_causal_lm(config.model, "model")
-        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+    policy, tokenizer = _load_policy(config, task)
 
     kwargs: dict[str, Any] = {"kernels": config.kernels}
     if synthetic_data:
         gold = functools.partial(_gold, task)
         kwargs["gold_fn"] = gold
-        heldout = task.prompts(config.synthetic_eval_prompts, seed=config.data_seed + 900)
-        kwargs["evaluate"] = functools.partial(evaluate_synthetic, task, heldout,
-                                               seed=config.data_seed)
+        kwargs["evaluate"], _ = _synthetic_evaluation(config, task)
         if reward == "gold":
             kwargs["reward_fn"] = gold
     if reward == "train":

@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from rlengine.configs import to_yaml
 from rlengine.data.tokenize import pad_token_id
 from rlengine.data.types import PromptExample, Text
 from rlengine.policy.ppo_config import PPOConfig
@@ -74,14 +73,18 @@ from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
 from rlengine.training.loop import (
+    RunResult,
     adamw_with_schedule,
+    autocast,
     autocast_dtype,
     data_parallel,
-    open_checkpoints,
-    progress_bar,
+    evaluate_on_main,
+    gather_chunks,
+    load_checkpoint_state,
     reduce_step_record,
-    refuse_resume,
-    resume_conflicts,
+    save_checkpoint,
+    save_policy,
+    start_run,
 )
 from rlengine.training.metrics import MetricsLogger
 
@@ -277,7 +280,7 @@ class _CriticValues(torch.nn.Module):
 # ---- the trainer ----------------------------------------------------------------------------
 
 @dataclass
-class PPOResult:
+class PPOResult(RunResult):
     """``history``: every logged record (rollout and training numbers per iteration, and the
     evaluations); ``evaluations``: the evaluation records, the first before any training."""
 
@@ -285,9 +288,6 @@ class PPOResult:
     steps: int
     history: list[dict[str, Any]]
     evaluations: list[dict[str, Any]]
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    model_dir: Path | None = None
 
 
 class PPOTrainer:
@@ -409,9 +409,7 @@ class PPOTrainer:
         return self.iteration * self.config.steps_per_iteration
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     # ---- rollouts -----------------------------------------------------------------------------
 
@@ -482,15 +480,12 @@ class PPOTrainer:
         prompts = self._iteration_prompts(iteration)
         size = self.config.generation_batch_size
         chunks = math.ceil(len(prompts) / size)
-        mine = {c: self._chunk_experience(iteration, c, prompts[c * size:(c + 1) * size])
-                for c in range(self.dist.rank, chunks, self.dist.world_size)}
-        if not self.dist.enabled:
-            return merge_experiences([mine[c] for c in range(chunks)], self.pad_id)
         cpu = torch.device("cpu")
-        merged: dict[int, Experience] = {}
-        for part in self.dist.all_gather_object({c: e.to(cpu) for c, e in mine.items()}):
-            merged.update(part)
-        return merge_experiences([merged[c] for c in range(chunks)], self.pad_id).to(self.device)
+        parts = gather_chunks(
+            lambda c: self._chunk_experience(iteration, c, prompts[c * size:(c + 1) * size]),
+            chunks, self.dist, send=lambda experience: experience.to(cpu))
+        experience = merge_experiences(parts, self.pad_id)
+        return experience.to(self.device) if self.dist.enabled else experience
 
     def shape_rewards(self, experience: Experience) -> Experience:
         """Rewards, KL penalty, GAE and advantage whitening over the whole batch, in place."""
@@ -628,11 +623,8 @@ class PPOTrainer:
     def _evaluate(self, logger: MetricsLogger) -> None:
         if self.evaluate_fn is None:
             return
-        results: dict[str, float] = {}
-        if self.dist.is_main:
-            results = {k: float(v) for k, v in self.evaluate_fn(self.policy).items()}
-            self.policy.eval()
-        results = self.dist.broadcast_object(results)
+        # the policy stays in eval mode (no dropout) throughout, so this leaves it as it was
+        results = evaluate_on_main(self.evaluate_fn, self.policy, self.dist)
         record = {"eval/iteration": self.iteration,
                   **{f"eval/{k}": v for k, v in results.items()}}
         self.evaluations.append({"step": self.iteration, **record})
@@ -644,26 +636,23 @@ class PPOTrainer:
         self.history.append({"step": self.iteration, **values})
         logger.log(self.iteration, values)
 
+    def _describe(self) -> str:
+        cfg = self.config
+        reward = (f"{self.rewards.kind} rewards of a reward model"
+                  if isinstance(self.rewards, RewardModelRewards) else "a reward function")
+        return (f"PPO on {len(self.prompts)} prompts: {cfg.iterations} iteration(s) of "
+                f"{cfg.rollout_rows} responses, {cfg.ppo_epochs} epoch(s) of "
+                f"{cfg.mini_batch_size}-response mini-batches, {reward}, "
+                f"{self.dist.world_size} process(es) on {self.device}")
+
     def train(self) -> PPOResult:
         """Run the remaining iterations (all of them, or those after the newest checkpoint)."""
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from = open_checkpoints(
-            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
-            load=self.load_checkpoint, log=self.log, total_steps=cfg.iterations)
-        logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
-                               enabled=self.dist.is_main, resume_step=resumed_from)
-        if self.dist.is_main and cfg.output_dir:
-            (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-        if resumed_from is None:
-            reward = (f"{self.rewards.kind} rewards of a reward model"
-                      if isinstance(self.rewards, RewardModelRewards) else "a reward function")
-            self.log(f"PPO on {len(self.prompts)} prompts: {cfg.iterations} iteration(s) of "
-                     f"{cfg.rollout_rows} responses, {cfg.ppo_epochs} epoch(s) of "
-                     f"{cfg.mini_batch_size}-response mini-batches, {reward}, "
-                     f"{self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, cfg.iterations,
-                                self.iteration, "ppo")
+        checkpoints, resumed_from, logger, progress = start_run(
+            cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
+            total_steps=cfg.iterations, position=lambda: self.iteration,
+            describe=self._describe, desc="ppo")
         try:
             if self.iteration == 0:
                 self._evaluate(logger)
@@ -692,13 +681,12 @@ class PPOTrainer:
             logger.close()
         model_dir = None
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
-            model_dir = Path(cfg.output_dir) / "model"
-            self.policy.save_pretrained(model_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(model_dir)
+            model_dir = save_policy(self.policy, self.tokenizer, cfg.output_dir)
             self.critic.save_pretrained(Path(cfg.output_dir) / "critic", self.tokenizer)
         self.dist.barrier()
         return PPOResult(self.iteration, self.step, self.history, self.evaluations,
-                         resumed_from, time.perf_counter() - began, model_dir)
+                         resumed_from=resumed_from, seconds=time.perf_counter() - began,
+                         model_dir=model_dir)
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -714,16 +702,11 @@ class PPOTrainer:
                 "evaluations": self.evaluations}
 
     def save_checkpoint(self, checkpoints: CheckpointManager) -> None:
-        if self.dist.is_main:
-            checkpoints.save(self.iteration, self.state_dict())
-        self.dist.barrier()
+        save_checkpoint(checkpoints, self.iteration, self.state_dict, self.dist)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        state = CheckpointManager.load(path)
-        changed = resume_conflicts(state["config"], self.config, PPOConfig.RESUME_INVARIANT)
-        if state["prompts"] != len(self.prompts):
-            changed.append(f"prompts: {state['prompts']} -> {len(self.prompts)}")
-        refuse_resume(path, changed)
+        state = load_checkpoint_state(path, self.config, PPOConfig.RESUME_INVARIANT,
+                                      size_key="prompts", size=len(self.prompts))
         self.policy.load_state_dict(state["policy"])
         self.critic.load_state_dict(state["critic"])
         for name in ("actor_optimizer", "critic_optimizer", "actor_scheduler",

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from rlengine.configs import to_yaml
 from rlengine.data.tokenize import pad_token_id, tokenize_prompt, tokenize_ranked
 from rlengine.data.types import PromptExample, RankedExample, Text
 from rlengine.policy.rewards import kl_estimate
@@ -45,14 +44,22 @@ from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
 from rlengine.training.loop import (
+    RunResult,
     adamw_with_schedule,
+    autocast,
     autocast_dtype,
     data_parallel,
-    open_checkpoints,
-    progress_bar,
+    evaluate_on_main,
+    finish_step_record,
+    gather_chunks,
+    load_checkpoint_state,
+    micro_batch_size,
+    optimizer_step,
+    process_micro_batches,
     reduce_step_record,
-    refuse_resume,
-    resume_conflicts,
+    save_checkpoint,
+    save_policy,
+    start_run,
     step_seed,
 )
 from rlengine.training.metrics import MetricsLogger
@@ -162,16 +169,13 @@ class Query:
 
 
 @dataclass
-class RRHFResult:
+class RRHFResult(RunResult):
     """``history``: every logged record; ``evaluations``: the evaluation records (step, round
     and the evaluator's numbers), the first one before any training."""
 
     steps: int
     history: list[dict[str, Any]]
     evaluations: list[dict[str, Any]]
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    model_dir: Path | None = None
 
 
 class RRHFTrainer:
@@ -243,11 +247,8 @@ class RRHFTrainer:
             raise ValueError("no query has 2 or more candidates: set policy_samples > 0 or give "
                              "queries with responses")
 
-        world, accum = self.dist.world_size, config.grad_accum
-        if config.queries_per_step % (world * accum):
-            raise ValueError(f"queries_per_step ({config.queries_per_step}) must divide into "
-                             f"grad_accum ({accum}) x processes ({world}) equal micro-batches")
-        self.micro_batch = config.queries_per_step // (world * accum)
+        self.micro_batch = micro_batch_size(config.queries_per_step, "queries_per_step",
+                                            self.dist, config.grad_accum)
         self.steps_per_epoch = len(self.queries) // config.queries_per_step
         if self.steps_per_epoch == 0:
             raise ValueError(f"queries_per_step ({config.queries_per_step}) is larger than the "
@@ -398,14 +399,10 @@ class RRHFTrainer:
     def _build_round(self, round_index: int) -> None:
         """This round's candidates for every query: each process samples and scores the chunks
         ``chunk % world == rank``, then all processes exchange them."""
-        size = self.config.generation_batch_size
-        chunks = math.ceil(len(self.queries) / size)
-        mine = {c: self._chunk_candidates(round_index, c)
-                for c in range(self.dist.rank, chunks, self.dist.world_size)}
-        merged: dict[int, list[list[Candidate]]] = {}
-        for part in self.dist.all_gather_object(mine):
-            merged.update(part)
-        self.round_candidates = [group for c in range(chunks) for group in merged[c]]
+        chunks = math.ceil(len(self.queries) / self.config.generation_batch_size)
+        parts = gather_chunks(lambda c: self._chunk_candidates(round_index, c), chunks,
+                              self.dist)
+        self.round_candidates = [group for part in parts for group in part]
         self.candidates_round = round_index
         self.round_stats = _candidate_stats(self.round_candidates)
         self._order = None
@@ -424,17 +421,13 @@ class RRHFTrainer:
         return self._order[1][position * size:(position + 1) * size]
 
     def _micro_batches(self, step: int) -> list[list[int]]:
-        indices = self._step_queries(step)
-        world, rank, size = self.dist.world_size, self.dist.rank, self.micro_batch
-        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size]
-                for m in range(self.config.grad_accum)]
+        return process_micro_batches(self._step_queries(step), self.dist, self.micro_batch,
+                                     self.config.grad_accum)
 
     # ---- the step -----------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def _micro_loss(self, query_indices: list[int]):
         cfg = self.config
@@ -489,56 +482,36 @@ class RRHFTrainer:
                 (loss / cfg.grad_accum).backward()
             for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                       cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.policy.parameters(), self.optimizer, self.scheduler,
+                                       cfg.max_grad_norm)
         record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
-        record["train/lr"] = lr
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
-        record["train/tokens"] = tokens
-        return record
+        return finish_step_record(record, lr, grad_norm, tokens)
 
     # ---- the loop -----------------------------------------------------------------------------
 
     def _evaluate(self, logger: MetricsLogger, round_index: int) -> None:
         if self.evaluate_fn is None or not self.config.evaluate_rounds:
             return
-        results: dict[str, float] = {}
-        if self.dist.is_main:
-            was_training = self.policy.training
-            self.policy.eval()
-            try:
-                results = {k: float(v) for k, v in self.evaluate_fn(self.policy).items()}
-            finally:
-                self.policy.train(was_training)
-        results = self.dist.broadcast_object(results)
+        results = evaluate_on_main(self.evaluate_fn, self.policy, self.dist)
         record = {"eval/round": round_index, **{f"eval/{k}": v for k, v in results.items()}}
         self.evaluations.append({"step": self.step, **record})
         self._record(logger, record)
         self.log(f"round {round_index} " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
+    def _describe(self) -> str:
+        cfg = self.config
+        return (f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
+                f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
+                f"{cfg.policy_samples} policy sample(s) per query per round, "
+                f"{self.dist.world_size} process(es) on {self.device}")
+
     def train(self) -> RRHFResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from = open_checkpoints(
-            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
-            load=self.load_checkpoint, log=self.log, total_steps=self.total_steps)
-        logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
-                               enabled=self.dist.is_main, resume_step=resumed_from)
-        if self.dist.is_main and cfg.output_dir:
-            (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-        if resumed_from is None:
-            self.log(f"RRHF on {len(self.queries)} queries: {cfg.rounds} round(s) of "
-                     f"{self.steps_per_round} steps of {cfg.queries_per_step} queries, "
-                     f"{cfg.policy_samples} policy sample(s) per query per round, "
-                     f"{self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
-                                "rrhf")
+        checkpoints, resumed_from, logger, progress = start_run(
+            cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
+            total_steps=self.total_steps, position=lambda: self.step, describe=self._describe,
+            desc="rrhf")
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
             if self.step == 0:
@@ -571,12 +544,10 @@ class RRHFTrainer:
             logger.close()
         model_dir = None
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
-            model_dir = Path(cfg.output_dir) / "model"
-            self.policy.save_pretrained(model_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(model_dir)
+            model_dir = save_policy(self.policy, self.tokenizer, cfg.output_dir)
         self.dist.barrier()
-        return RRHFResult(self.step, self.history, self.evaluations, resumed_from,
-                          time.perf_counter() - began, model_dir)
+        return RRHFResult(self.step, self.history, self.evaluations, resumed_from=resumed_from,
+                          seconds=time.perf_counter() - began, model_dir=model_dir)
 
     def _record(self, logger: MetricsLogger, values: dict[str, Any]) -> None:
         self.history.append({"step": self.step, **values})
@@ -594,17 +565,11 @@ class RRHFTrainer:
                                for group in self.round_candidates or []]}
 
     def save_checkpoint(self, checkpoints: CheckpointManager) -> None:
-        if self.dist.is_main:
-            checkpoints.save(self.step, self.state_dict())
-        self.dist.barrier()
+        save_checkpoint(checkpoints, self.step, self.state_dict, self.dist)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        state = CheckpointManager.load(path)
-        saved = state["config"]
-        changed = resume_conflicts(saved, self.config, RRHFConfig.RESUME_INVARIANT)
-        if state["queries"] != len(self.queries):
-            changed.append(f"queries: {state['queries']} -> {len(self.queries)}")
-        refuse_resume(path, changed)
+        state = load_checkpoint_state(path, self.config, RRHFConfig.RESUME_INVARIANT,
+                                      size_key="queries", size=len(self.queries))
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from rlengine import ops
-from rlengine.configs import to_yaml
 from rlengine.data.tokenize import (
     PreferenceDataset,
     RankedDataset,
@@ -39,14 +38,19 @@ from rlengine.reward.model import RewardModel
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext, init_distributed
 from rlengine.training.loop import (
+    RunResult,
     adamw_with_schedule,
+    autocast,
     autocast_dtype,
     data_parallel,
-    open_checkpoints,
-    progress_bar,
+    finish_step_record,
+    load_checkpoint_state,
+    micro_batch_size,
+    optimizer_step,
+    process_micro_batches,
     reduce_step_record,
-    refuse_resume,
-    resume_conflicts,
+    save_checkpoint,
+    start_run,
     step_seed,
 )
 from rlengine.training.metrics import MetricsLogger
@@ -55,16 +59,13 @@ MetaPrompt = tuple[Text, Sequence[Text]]
 
 
 @dataclass
-class RewardTrainResult:
+class RewardTrainResult(RunResult):
     """``metrics``: the final evaluation, ``{set name: {accuracy, loss, reward_mean,
     reward_std, pairs}}``; ``history``: every logged record (training and evaluation)."""
 
     steps: int
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    model_dir: Path | None = None
 
 
 class _TrainModule(torch.nn.Module):
@@ -151,11 +152,8 @@ class RewardTrainer:
             # is often the SFT policy, which other models are copied from) and stay untouched.
             entropy_model.to(self.device)
 
-        world, accum = self.dist.world_size, config.grad_accum
-        if config.batch_size % (world * accum):
-            raise ValueError(f"batch_size ({config.batch_size}) must divide into grad_accum "
-                             f"({accum}) x processes ({world}) equal micro-batches")
-        self.micro_batch = config.batch_size // (world * accum)
+        self.micro_batch = micro_batch_size(config.batch_size, "batch_size", self.dist,
+                                            config.grad_accum)
         self.steps_per_epoch = len(self.train_data) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size ({config.batch_size}) is larger than the training set "
@@ -198,10 +196,8 @@ class RewardTrainer:
 
     def _micro_batches(self, step: int) -> list[list[int]]:
         """This process's share of each micro-batch of ``step``."""
-        indices = self._step_indices(step)
-        world, rank, size = self.dist.world_size, self.dist.rank, self.micro_batch
-        return [indices[(m * world + rank) * size:(m * world + rank + 1) * size]
-                for m in range(self.config.grad_accum)]
+        return process_micro_batches(self._step_indices(step), self.dist, self.micro_batch,
+                                     self.config.grad_accum)
 
     def _batch(self, dataset: PreferenceDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         batch = dataset.collate([dataset[i] for i in indices])
@@ -248,9 +244,7 @@ class RewardTrainer:
         return self.ops.segment_reduce(values, segment_ids, counts, reduce="end_mean").float()
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     @staticmethod
     def _pair_rows(batch: dict[str, torch.Tensor], repeat: int = 1):
@@ -361,40 +355,27 @@ class RewardTrainer:
                 parts["loss"] = loss.detach()
                 for key, value in parts.items():
                     sums[key] = sums[key] + value if key in sums else value
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
-                                                       cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = optimizer_step(self.module.parameters(), self.optimizer, self.scheduler,
+                                       cfg.max_grad_norm)
         # every logged number in one tensor: one copy to the host, one all-reduce
         record, tokens = reduce_step_record(sums, self.dist, cfg.grad_accum * self.dist.world_size)
         if isinstance(ascent, MetaAscent):
             record["train/metarm_objective"] = ascent.value
-        record["train/lr"] = lr
-        if grad_norm is not None:
-            record["train/grad_norm"] = float(grad_norm)
-        record["train/tokens"] = tokens
-        return record
+        return finish_step_record(record, lr, grad_norm, tokens)
+
+    def _describe(self) -> str:
+        return (f"training on {len(self.train_data)} pairs "
+                f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
+                f"{self.train_data.truncation}), {self.total_steps} steps of "
+                f"{self.config.batch_size}, {self.dist.world_size} process(es) on {self.device}")
 
     def train(self) -> RewardTrainResult:
         cfg = self.config
         began = time.perf_counter()
-        checkpoints, resumed_from = open_checkpoints(
-            cfg.output_dir, keep_last=cfg.keep_checkpoints, resume=cfg.resume, dist=self.dist,
-            load=self.load_checkpoint, log=self.log, total_steps=self.total_steps)
-        logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard,
-                               enabled=self.dist.is_main, resume_step=resumed_from)
-        if self.dist.is_main and cfg.output_dir:
-            (Path(cfg.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-        if resumed_from is None:
-            self.log(f"training on {len(self.train_data)} pairs "
-                     f"({', '.join(f'{k} {v}' for k, v in self.prepared.summary().items())}; "
-                     f"{self.train_data.truncation}), {self.total_steps} steps of "
-                     f"{cfg.batch_size}, {self.dist.world_size} process(es) on {self.device}")
-        progress = progress_bar(cfg.progress and self.dist.is_main, self.total_steps, self.step,
-                                "reward model")
+        checkpoints, resumed_from, logger, progress = start_run(
+            cfg, dist=self.dist, load=self.load_checkpoint, log=self.log,
+            total_steps=self.total_steps, position=lambda: self.step, describe=self._describe,
+            desc="reward model")
         metrics: dict[str, dict[str, float]] = {}
         window_start, window_tokens = time.perf_counter(), 0.0
         try:
@@ -433,8 +414,8 @@ class RewardTrainer:
         if cfg.output_dir and cfg.save_model and self.dist.is_main:
             model_dir = self.model.save_pretrained(Path(cfg.output_dir) / "model", self.tokenizer)
         self.dist.barrier()
-        return RewardTrainResult(self.step, metrics, self.history, resumed_from,
-                                 time.perf_counter() - began, model_dir)
+        return RewardTrainResult(self.step, metrics, self.history, resumed_from=resumed_from,
+                                 seconds=time.perf_counter() - began, model_dir=model_dir)
 
     def _record(self, logger: MetricsLogger, values: dict[str, Any]) -> None:
         self.history.append({"step": self.step, **values})
@@ -488,17 +469,12 @@ class RewardTrainer:
                 "scheduler": self.scheduler.state_dict(), "history": self.history}
 
     def save_checkpoint(self, checkpoints: CheckpointManager) -> None:
-        if self.dist.is_main:
-            checkpoints.save(self.step, self.state_dict())
-        self.dist.barrier()
+        save_checkpoint(checkpoints, self.step, self.state_dict, self.dist)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        state = CheckpointManager.load(path)
-        saved = state["config"]
-        changed = resume_conflicts(saved, self.config, RewardTrainerConfig.RESUME_INVARIANT)
-        if state["train_pairs"] != len(self.train_data):
-            changed.append(f"training pairs: {state['train_pairs']} -> {len(self.train_data)}")
-        refuse_resume(path, changed)
+        state = load_checkpoint_state(path, self.config, RewardTrainerConfig.RESUME_INVARIANT,
+                                      size_key="train_pairs", size=len(self.train_data),
+                                      size_name="training pairs")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
