@@ -12,16 +12,22 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import (
+    REPO,
+    cli_env,
+    free_port,
+    kill_after_checkpoint,
+    main_exit,
+    run_cli,
+    untimed,
+)
 from safetensors.torch import load_file
 
 from rlengine import cli
@@ -31,7 +37,6 @@ from rlengine.reward.job import RewardJobConfig
 from rlengine.synthetic import SyntheticTask
 from rlengine.training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 # The real HH-RLHF harmless test split lives in shared/, beside the checkout (never copied in).
 HH_FILE = Path(os.environ.get(
     "RLENGINE_HH_FILE", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"))
@@ -39,29 +44,6 @@ HH_FILE = Path(os.environ.get(
 # A small synthetic run: a random-init backbone (no SFT), 40 steps of 32 pairs.
 SMALL = ["--synthetic-pairs", "300", "--synthetic-eval-pairs", "200", "--synthetic-init",
          "random", "--steps", "40", "--save-every", "5", "--threads", "1", "--progress", "false"]
-# Records that measure the wall clock, not the run.
-TIMED_KEYS = ("train/tokens_per_second",)
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlengine.cli", "train-rm", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(*args), capture_output=True, text=True, cwd=REPO,
-                            env=_env(), timeout=timeout)
-    assert result.returncode == 0, f"rc {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMED_KEYS} for r in records]
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model = run_dir / "model"
     return {**load_file(model / "model.safetensors"),
@@ -73,20 +55,15 @@ def _final(run_dir: Path) -> dict:
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """The command in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(["train-rm", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    """`rlengine train-rm <argv>` in this process: (exit code, stdout, stderr)."""
+    return main_exit(["train-rm", *argv], capsys)
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted single-process run the resume and torchrun tests compare with."""
     out = tmp_path_factory.mktemp("reference")
-    _run([*SMALL, "--output-dir", str(out)])
+    run_cli("train-rm", *SMALL, "--output-dir", str(out))
     return out
 
 
@@ -159,34 +136,18 @@ def test_missing_config_file_and_bad_model_exit_2(tmp_path, capsys):
 
 # ---- resume after SIGKILL ---------------------------------------------------------------------
 
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    return [int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference_run, tmp_path):
     out = tmp_path / "killed"
     args = [*SMALL, "--output-dir", str(out)]
-    process = subprocess.Popen(_command(*args), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        # kill as soon as a checkpoint beyond step 5 exists: mid-run, with more to do
-        while not [step for step in _checkpoint_steps(out) if step > 5]:
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint beyond step 5 appeared"
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    assert not (out / "final_metrics.json").exists(), "the run finished before the kill"
+    # killed as soon as a checkpoint beyond step 5 exists: mid-run, with more to do
+    kill_after_checkpoint(["train-rm", *args], out, 6)
 
-    resumed = _run(args)
+    resumed = run_cli("train-rm", *args)
     assert "resumed from" in resumed.stdout
     # exactly the same numbers on the CPU: same data order, same updates, same evaluation
     assert _final(out) == _final(reference_run)
-    assert _untimed(read_metrics(out)) == _untimed(read_metrics(reference_run))
+    assert untimed(read_metrics(out)) == untimed(read_metrics(reference_run))
     expected = _weights(reference_run)
     actual = _weights(out)
     assert actual.keys() == expected.keys()
@@ -223,21 +184,15 @@ def test_metrics_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 # ---- torchrun ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_two_process_torchrun_matches_one_process(reference_run, tmp_path, grad_accum):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "rlengine.cli", "train-rm", *SMALL, "--grad-accum", str(grad_accum),
                "--output-dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=_env(),
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=cli_env(),
                             timeout=300)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     # rank 0 alone speaks and writes: one summary, one record per step logged
@@ -248,7 +203,7 @@ def test_two_process_torchrun_matches_one_process(reference_run, tmp_path, grad_
     assert [r["step"] for r in records] == [r["step"] for r in expected_records]
     # float sums run in another order, nothing else differs: training metrics (averaged over
     # both processes), the single evaluation and the weights agree closely
-    for got, want in zip(_untimed(records), _untimed(expected_records)):
+    for got, want in zip(untimed(records), untimed(expected_records)):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (got["step"], key)
     final, expected = _final(out), _final(reference_run)
