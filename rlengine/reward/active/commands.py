@@ -229,7 +229,7 @@ def run_select(args: argparse.Namespace) -> int:
     from rlengine.data.loaders import load_preferences, load_samples
     from rlengine.reward.active.model import fit_preference_model
     from rlengine.reward.active.pools import ItemTable, candidate_pairs
-    from rlengine.reward.active.selection import STRATEGIES, select
+    from rlengine.reward.active.selection import STRATEGIES, USES_PAST, select
 
     (o, fit, e), _ = configs.from_sources([SelectOptions, FitOptions, EmbeddingOptions], args,
                                           config_path=args.config)
@@ -280,7 +280,8 @@ def run_select(args: argparse.Namespace) -> int:
     model = fit_preference_model(embeddings, past_first, past_second, a_won, fit.model_config(),
                                  seed=o.seed)
     z, gap = model.pair_features(embeddings, first, second)
-    past = model.pair_features(embeddings, past_first, past_second) if labeled else (None, None)
+    past = (model.pair_features(embeddings, past_first, past_second)
+            if labeled and o.strategy in USES_PAST else (None, None))
     picked, scores = select(o.strategy, o.budget, z=z, gap=gap, past_z=past[0],
                             past_gap=past[1], ridge=fit.ridge, seed=o.seed)
 

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rlengine import ops
 
@@ -72,13 +71,18 @@ class PreferenceModel(torch.nn.Module):
                       *, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
         """(z [n, width], gap [n]) of pairs given as index tensors into ``embeddings``:
         z = phi(e_first) - phi(e_second), gap = w . z. Features are computed once per item."""
-        items = torch.unique(torch.cat([first, second]))
-        position = torch.full((embeddings.shape[0],), -1, dtype=torch.long)
-        position[items] = torch.arange(len(items))
+        items, (first, second) = _distinct_items(first, second)
         feats = torch.cat([self.features(embeddings[items[s:s + chunk]])
                            for s in range(0, len(items), chunk)])
-        z = feats[position[first]] - feats[position[second]]
+        z = feats[first] - feats[second]
         return z, self.w(z).squeeze(-1)
+
+
+def _distinct_items(*sides: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(the distinct items of index tensors, each tensor as positions into them): pairs share
+    items, so features are computed once per item."""
+    items, positions = torch.unique(torch.cat(sides), return_inverse=True)
+    return items, tuple(positions.split([len(s) for s in sides]))
 
 
 def fit_preference_model(embeddings: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
@@ -92,9 +96,10 @@ def fit_preference_model(embeddings: torch.Tensor, first: torch.Tensor, second: 
         raise ValueError(f"{len(first)} first items, {len(second)} second items, "
                          f"{len(first_preferred)} labels")
     embeddings = embeddings.float()
-    mean = embeddings.mean(0) if mean is None else mean
-    std = embeddings.std(0) if std is None and len(embeddings) > 1 else (
-        torch.ones_like(mean) if std is None else std)
+    if mean is None:
+        mean = embeddings.mean(0)
+    if std is None:
+        std = embeddings.std(0) if len(embeddings) > 1 else torch.ones_like(mean)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = PreferenceModel(embeddings.shape[1], config.hidden, mean=mean, std=std)
@@ -103,11 +108,8 @@ def fit_preference_model(embeddings: torch.Tensor, first: torch.Tensor, second: 
     labels = torch.as_tensor(first_preferred, dtype=torch.bool)
     chosen = torch.where(labels, first, second)
     rejected = torch.where(labels, second, first)
-    items = torch.unique(torch.cat([chosen, rejected]))
-    position = torch.full((embeddings.shape[0],), -1, dtype=torch.long)
-    position[items] = torch.arange(len(items))
+    items, (chosen, rejected) = _distinct_items(chosen, rejected)
     inputs = embeddings[items]
-    chosen, rejected = position[chosen], position[rejected]
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)
     for _ in range(config.steps):
@@ -118,11 +120,3 @@ def fit_preference_model(embeddings: torch.Tensor, first: torch.Tensor, second: 
         optimizer.step()
     return model.eval()
 
-
-def bt_log_loss(model: PreferenceModel, embeddings: torch.Tensor, first: torch.Tensor,
-                second: torch.Tensor, first_preferred: torch.Tensor) -> float:
-    """Mean BT negative log-likelihood of labelled pairs under a model (for reports)."""
-    with torch.no_grad():
-        gap = model(embeddings[first]) - model(embeddings[second])
-        sign = torch.where(torch.as_tensor(first_preferred, dtype=torch.bool), 1.0, -1.0)
-        return float(F.softplus(-sign * gap).mean())

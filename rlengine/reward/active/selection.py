@@ -39,6 +39,8 @@ STRATEGY_HELP = {
 }
 # Rows of z per triangular solve: bounds the temporary at CHUNK x D float64.
 CHUNK = 16384
+# The strategies that read the labelled pairs' features (past_z, past_gap).
+USES_PAST = ("past_dopt", "greedy_dopt")
 
 
 def fisher_weights(gap: torch.Tensor) -> torch.Tensor:
@@ -70,18 +72,9 @@ def dopt_scores(z: torch.Tensor, gap: torch.Tensor, *, past_z: torch.Tensor | No
     z_i^T) at t = 0: the growth of the log-determinant per unit of the pair's information.
     """
     z, gap = _check_features(z, gap)
-    if (past_z is None) != (past_gap is None):
-        raise ValueError("past_z and past_gap go together: give both or neither")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
     weights = fisher_weights(gap.double())
-    matrix = information_matrix(z, weights, chunk=chunk)
-    if past_z is not None:
-        past_z, past_gap = _check_features(past_z, past_gap, what="past_z")
-        if past_z.shape[1] != z.shape[1]:
-            raise ValueError(f"past_z has {past_z.shape[1]} features, z has {z.shape[1]}")
-        matrix += information_matrix(past_z, fisher_weights(past_gap.double()), chunk=chunk)
-    matrix.diagonal().add_(ridge)
+    matrix = _past_matrix(z, past_z, past_gap, ridge, chunk=chunk)
+    matrix += information_matrix(z, weights, chunk=chunk)
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
         raise ValueError("the information matrix is singular: use ridge > 0 (there are fewer "
@@ -92,6 +85,22 @@ def dopt_scores(z: torch.Tensor, gap: torch.Tensor, *, past_z: torch.Tensor | No
         solved = torch.linalg.solve_triangular(factor, block, upper=False)  # L^-1 z
         scores[start:start + chunk] = solved.square().sum(0)        # z^T M^-1 z
     return scores * weights
+
+
+def _past_matrix(z: torch.Tensor, past_z: torch.Tensor | None, past_gap: torch.Tensor | None,
+                 ridge: float, *, chunk: int = CHUNK) -> torch.Tensor:
+    """ridge I plus the information of the labelled pairs (when given): where M starts."""
+    if (past_z is None) != (past_gap is None):
+        raise ValueError("past_z and past_gap go together: give both or neither")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    matrix = ridge * torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
+    if past_z is not None:
+        past_z, past_gap = _check_features(past_z, past_gap, what="past_z")
+        if past_z.shape[1] != z.shape[1]:
+            raise ValueError(f"past_z has {past_z.shape[1]} features, z has {z.shape[1]}")
+        matrix += information_matrix(past_z, fisher_weights(past_gap.double()), chunk=chunk)
+    return matrix
 
 
 def greedy_dopt_order(z: torch.Tensor, gap: torch.Tensor, budget: int, *,
@@ -106,11 +115,7 @@ def greedy_dopt_order(z: torch.Tensor, gap: torch.Tensor, budget: int, *,
     z, gap = _check_features(z, gap)
     if ridge <= 0 and past_z is None:
         raise ValueError("greedy_dopt needs ridge > 0 or past pairs (M starts from them)")
-    dim = z.shape[1]
-    matrix = ridge * torch.eye(dim, dtype=torch.float64, device=z.device)
-    if past_z is not None:
-        past_z, past_gap = _check_features(past_z, past_gap, what="past_z")
-        matrix += information_matrix(past_z, fisher_weights(past_gap.double()))
+    matrix = _past_matrix(z, past_z, past_gap, ridge)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrix))
     features = z.double()
     weights = fisher_weights(gap.double())
@@ -126,7 +131,7 @@ def greedy_dopt_order(z: torch.Tensor, gap: torch.Tensor, budget: int, *,
         projection = features @ u                      # z_i^T M^-1 z_j
         solved -= scale * projection[:, None] * u[None, :]
         gains -= weights * scale * projection.square()
-        gains[order] = -math.inf
+        gains[j] = -math.inf   # stays -inf: later updates only subtract
     return torch.tensor(order, dtype=torch.long), first_scores
 
 
@@ -222,7 +227,7 @@ def select(strategy: Strategy, budget: int, *, z: torch.Tensor, gap: torch.Tenso
         scores[order] = torch.arange(len(order), 0, -1, dtype=torch.float64)
         return order, scores
     else:
-        past = (past_z, past_gap) if strategy == "past_dopt" else (None, None)
+        past = (past_z, past_gap) if strategy in USES_PAST else (None, None)
         scores = dopt_scores(z, gap, past_z=past[0], past_gap=past[1], ridge=ridge).cpu()
     # ties broken at random, so a strategy that cannot tell pairs apart acts like random
     shuffle = torch.randperm(n, generator=generator)

@@ -44,7 +44,7 @@ from rlengine.reward.active.pools import (
     candidate_pairs,
     within_prompt_groups,
 )
-from rlengine.reward.active.selection import STRATEGIES, select
+from rlengine.reward.active.selection import STRATEGIES, USES_PAST, select
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,8 @@ def run_one(table: ItemTable, train_prompts: torch.Tensor, test_items: torch.Ten
             break
         first, second = next_pool(round_index + 1)
         z, gap = model.pair_features(table.embeddings, first, second)
-        past = model.pair_features(table.embeddings, labelled_first, labelled_second)
+        past = (model.pair_features(table.embeddings, labelled_first, labelled_second)
+                if strategy in USES_PAST else (None, None))
         picked, _ = select(strategy, config.labels_per_round, z=z, gap=gap, past_z=past[0],
                            past_gap=past[1], ridge=config.ridge,
                            clusters=config.coreset_clusters, seed=seed * 1000 + round_index)
