@@ -22,6 +22,7 @@ from rlengine.data import (
     load_preferences,
     load_prompts,
     load_ranked,
+    load_samples,
     split_conversations,
     split_hh_transcripts,
 )
@@ -484,3 +485,11 @@ def test_pairs_are_preference_pairs_with_their_source(tmp_path):
     pairs = load_preferences(path)
     assert all(isinstance(p, PreferencePair) for p in pairs)
     assert str(pairs[2].source) == f"{path}:3"
+
+
+def test_samples_and_ranked_rows_keep_an_empty_response(tmp_path):
+    # as pairs do: an empty answer is a real answer (a policy may stop at once)
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "responses": [" a", ""], "scores": [1, 0]}) + "\n")
+    assert load_samples(path)[0].responses == [" a", ""]
+    assert load_ranked(path)[0].responses == [" a", ""]

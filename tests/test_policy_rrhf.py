@@ -68,6 +68,8 @@ def test_loss_over_queries_of_unequal_size_with_sum_and_mean_sft():
     torch.testing.assert_close(summed.scores, logprobs.sum(-1))
     with pytest.raises(ValueError, match="contiguous"):
         rrhf_loss(logprobs, mask, rewards, torch.tensor([0, 1, 0, 1, 1]), 2)
+    with pytest.raises(ValueError, match=r"query_index must lie in \[0, num_queries=1\)"):
+        rrhf_loss(logprobs, mask, rewards, owner, 1)
 
 
 def _queries(n=32, k=2, seed=11):

@@ -134,6 +134,13 @@ def test_missing_config_file_and_bad_model_exit_2(tmp_path, capsys):
     assert code == 2 and "nowhere" in err and "local checkpoint folder" in err, err
 
 
+def test_options_that_do_not_fit_the_data_exit_2(capsys):
+    code, _, err = _main(["--synthetic-pairs", "20", "--synthetic-init", "random",
+                          "--batch-size", "32", "--steps", "1", "--threads", "1"], capsys)
+    assert code == 2 and "batch_size (32) is larger than the training set" in err, err
+    assert "Traceback" not in err
+
+
 # ---- resume after SIGKILL ---------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -290,8 +297,8 @@ def test_data_files_with_an_entropy_model_folder_and_a_meta_set_file(tmp_path, c
     model, and here also the backbone, with its tokenizer), and a meta set of unlabeled
     samples."""
     task = SyntheticTask(0)
-    # the task has empty responses (a policy may stop at once); data files may not, by the
-    # loaders' rule, so those pairs and samples stay out of the files
+    # the task has some empty responses (a policy may stop at once); these files are kept to
+    # non-empty ones
     pairs = tmp_path / "pairs.jsonl"
     kept = [p for p in task.preference_pairs(80, seed=3) if p.chosen.strip() and p.rejected.strip()]
     pairs.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen,

@@ -89,8 +89,7 @@ def load_ranked(source: Any, *, split: str | None = None, prompt_field: str = "p
 
     def parse(row: _Row) -> RankedExample:
         prompt = row.optional_text(prompt_field)
-        responses = row.list_of(responses_field,
-                                lambda label, value: row.text_value(label, value, response=True))
+        responses = row.responses(responses_field)
         scores = row.list_of(scores_field, row.number_value)
         if len(responses) != len(scores):
             raise row.error(f"{len(responses)} responses but {len(scores)} scores "
@@ -120,7 +119,7 @@ def load_samples(source: Any, *, split: str | None = None, prompt_field: str = "
 
     def parse(row: _Row) -> RankedExample:
         prompt = row.optional_text(prompt_field)
-        responses = row.list_of(responses_field, row.text_value)
+        responses = row.responses(responses_field)
         if len(responses) < min_responses:
             raise row.error(f"field {responses_field!r} has {len(responses)} response(s); at "
                             f"least {min_responses} are needed")
@@ -220,6 +219,11 @@ class _Row:
     def optional_number(self, field: str) -> float | None:
         value = self.data.get(field)
         return None if value is None else self.number_value(f"field {field!r}", value)
+
+    def responses(self, field: str) -> list[Text]:
+        """A list of responses (an empty response is allowed, as in pairs)."""
+        return self.list_of(field, lambda label, value: self.text_value(label, value,
+                                                                          response=True))
 
     def list_of(self, field: str, parse_item: Callable[[str, Any], Any]) -> list[Any]:
         value = self.data.get(field)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from rlengine import configs
+from rlengine.files import atomic_write
 from rlengine.policy.job import (
     SYNTHETIC,
     NormalizerJobConfig,
@@ -165,8 +166,8 @@ def _report(result, output_dir: str | None, unit: str, totals: dict) -> None:
         print(f"policy: {result.model_dir}")
     if output_dir:
         # written last: its presence marks a finished run
-        (Path(output_dir) / "final_metrics.json").write_text(json.dumps(
-            {**totals, "evaluations": evaluations}, indent=2) + "\n")
+        text = json.dumps({**totals, "evaluations": evaluations}, indent=2) + "\n"
+        atomic_write(Path(output_dir) / "final_metrics.json", lambda tmp: tmp.write_text(text))
 
 
 def resolve_ppo(args: argparse.Namespace) -> tuple[PPOJobConfig, PPOConfig]:

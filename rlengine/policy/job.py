@@ -26,6 +26,7 @@ from rlengine.data.loaders import load_preferences, load_prompts, load_ranked, l
 from rlengine.data.sources import iter_rows
 from rlengine.data.tokenizer import load_tokenizer
 from rlengine.data.types import RankedExample, Text
+from rlengine.reward.job import synthetic_task
 
 SYNTHETIC = "synthetic"
 DataFormat = Literal["auto", "prompts", "pairs", "ranked", "samples"]
@@ -88,14 +89,6 @@ class RRHFJob:
     queries: list[Any]
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     task: Any = None
-
-
-@functools.lru_cache(maxsize=4)
-def synthetic_task(seed: int):
-    """One task object per seed and process (its SFT policy is cached per object)."""
-    from rlengine.synthetic import SyntheticTask
-
-    return SyntheticTask(seed)
 
 
 def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> RRHFJob:
@@ -488,8 +481,6 @@ class PPOJob:
     tokenizer: Any
     prompts: list[Any]
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
-    task: Any = None
-    normalizer: Any = None
 
 
 # A reward model's sequence score for each PPO reward kind: what it is trained on.
@@ -606,7 +597,7 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
         + (f"; normalizer mu(p) = {normalizer.a_mu:.3f} log p + {normalizer.b_mu:.3f}, "
            f"sigma(p) = {normalizer.a_sigma:.3f} log p + {normalizer.b_sigma:.3f}"
            if normalizer is not None else ""))
-    return PPOJob(policy, tokenizer, prompts, kwargs, task, normalizer)
+    return PPOJob(policy, tokenizer, prompts, kwargs)
 
 
 def _fit_normalizer_now(config: PPOJobConfig, task, reward_model, policy, tokenizer,

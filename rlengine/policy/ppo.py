@@ -53,6 +53,7 @@ from rlengine.policy.rewards import (
     RewardModelRewards,
     apply_eos_penalty,
     clip_rewards,
+    kl_estimate,
     kl_shaped_rewards,
     make_kl_controller,
     whiten_rewards,
@@ -81,6 +82,9 @@ from rlengine.training.loop import (
     evaluate_on_main,
     gather_chunks,
     load_checkpoint_state,
+    micro_batch_size,
+    optimizer_step,
+    process_micro_batches,
     reduce_step_record,
     save_checkpoint,
     save_policy,
@@ -146,8 +150,8 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     surrogate, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
                                            clip_range=clip_range)
     value_error, value_clipped = clipped_value_loss(values, old_values, returns, clip=value_clip)
-    log_ratio = (old_logprobs - logprobs).detach()
-    approx_kl = torch.expm1(log_ratio) - log_ratio
+    # k3 of KL(pi_old || pi): the tokens were sampled from pi_old
+    approx_kl = kl_estimate(old_logprobs, logprobs.detach(), mask, estimator="k3")
     entropy = torch.zeros_like(logprobs) if entropy is None else entropy
     return PPOLoss(
         policy=impl.masked_mean(surrogate, mask),
@@ -334,6 +338,12 @@ class PPOTrainer:
             raise ValueError(f"reward_kind {config.reward_kind!r} reads a reward model's "
                              f"per-token values; a reward function gives one reward per "
                              f"response (reward_kind 'bandit')")
+        if reward_model is not None and not isinstance(reward_model, RewardModel):
+            raise TypeError(f"reward_model must be a RewardModel, got "
+                            f"{type(reward_model).__name__}")
+        if reward_fn is not None and normalizer is not None:
+            raise ValueError("normalizer applies to a reward model's token and segment rewards; "
+                             "a reward function has none to normalize")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: responses could never end")
         if critic is not None and not isinstance(critic, RewardModel):
@@ -347,11 +357,8 @@ class PPOTrainer:
         if len(self.prompts) < config.prompts_per_iteration:
             raise ValueError(f"prompts_per_iteration ({config.prompts_per_iteration}) is larger "
                              f"than the number of prompts ({len(self.prompts)})")
-        world, accum = self.dist.world_size, config.grad_accum
-        if config.mini_batch_size % (world * accum):
-            raise ValueError(f"mini_batch_size ({config.mini_batch_size}) must divide into "
-                             f"grad_accum ({accum}) x processes ({world}) equal micro-batches")
-        self.micro_batch = config.mini_batch_size // (world * accum)
+        self.micro_batch = micro_batch_size(config.mini_batch_size, "mini_batch_size", self.dist,
+                                            config.grad_accum)
         self.iterations_per_pass = len(self.prompts) // config.prompts_per_iteration
         self.total_steps = config.iterations * config.steps_per_iteration
 
@@ -575,13 +582,13 @@ class PPOTrainer:
 
     def _train_step(self, experience: Experience, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
-        world, rank, size = self.dist.world_size, self.dist.rank, self.micro_batch
+        world = self.dist.world_size
         total_tokens = experience.mask[rows.to(self.device)].sum().clamp(min=1)
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.critic_optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for m in range(cfg.grad_accum):
-            share = rows[(m * world + rank) * size:(m * world + rank + 1) * size]
+        shares = process_micro_batches(rows, self.dist, self.micro_batch, cfg.grad_accum)
+        for m, share in enumerate(shares):
             with contextlib.ExitStack() as stack:
                 if self.dist.enabled and m < cfg.grad_accum - 1:
                     stack.enter_context(self.actor_wrapped.no_sync())
@@ -590,16 +597,13 @@ class PPOTrainer:
                 loss.backward()
             for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value
-        for name, model in (("actor", self.policy), ("critic", self.critic)):
-            if cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        for name, model, optimizer, scheduler in (
+                ("actor", self.policy, self.actor_optimizer, self.actor_scheduler),
+                ("critic", self.critic, self.critic_optimizer, self.critic_scheduler)):
+            norm, lr = optimizer_step(model.parameters(), optimizer, scheduler, cfg.max_grad_norm)
+            if norm is not None:
                 sums[f"{name}_grad_norm"] = norm.detach() / world  # summed over processes
-        sums["actor_lr"] = torch.tensor(self.actor_scheduler.get_last_lr()[0] / world)
-        sums["critic_lr"] = torch.tensor(self.critic_scheduler.get_last_lr()[0] / world)
-        self.actor_optimizer.step()
-        self.critic_optimizer.step()
-        self.actor_scheduler.step()
-        self.critic_scheduler.step()
+            sums[f"{name}_lr"] = torch.tensor(lr / world)
         return sums
 
     def _train_iteration(self, iteration: int) -> dict[str, Any]:

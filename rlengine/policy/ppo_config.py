@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -159,9 +158,6 @@ class PPOConfig:
     @property
     def steps_per_iteration(self) -> int:
         return self.ppo_epochs * (self.rollout_rows // self.mini_batch_size)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     # Options that change what a checkpoint's numbers mean: resuming with other values is an
     # error. The rest (logging, evaluation and checkpoint cadence, progress) may change.

@@ -111,6 +111,9 @@ def rrhf_loss(token_logprobs: torch.Tensor, response_mask: torch.Tensor, rewards
                          f"{tuple(rewards.shape)} and {tuple(query_index.shape)}")
     if n and bool((query_index[1:] < query_index[:-1]).any()):
         raise ValueError("candidates of one query must be contiguous, queries in order")
+    if n and (int(query_index[0]) < 0 or int(query_index[-1]) >= num_queries):
+        raise ValueError(f"query_index must lie in [0, num_queries={num_queries}), got "
+                         f"{int(query_index[0])}..{int(query_index[-1])}")
     scores = impl.sequence_scores(token_logprobs, mask, length_penalty=length_penalty)
     counts = torch.bincount(query_index, minlength=num_queries)
     first_row = torch.cumsum(counts, 0) - counts
@@ -215,6 +218,9 @@ class RRHFTrainer:
         self.ops = kernel_ops(kernels)
         if reward_fn is not None and reward_model is not None:
             raise ValueError("give reward_fn or reward_model, not both")
+        if reward_model is not None and not isinstance(reward_model, RewardModel):
+            raise TypeError(f"reward_model must be a RewardModel, got "
+                            f"{type(reward_model).__name__}")
         if reward_score_mode not in ("last", "token_mean"):
             raise ValueError(f"reward_score_mode must be 'last' or 'token_mean', got "
                              f"{reward_score_mode!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,9 +120,6 @@ class RRHFConfig:
             if self.policy_samples % groups:
                 raise ValueError(f"diverse beam search: policy_samples ({self.policy_samples}) "
                                  f"beams must split into num_beam_groups ({groups}) equal groups")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     # Options that change what a checkpoint's numbers mean: resuming with other values is an
     # error. The rest (logging, checkpoint cadence, progress) may change on resume.

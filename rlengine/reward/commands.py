@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from rlengine import configs
+from rlengine.files import atomic_write
 from rlengine.reward.config import RewardTrainerConfig
 from rlengine.reward.job import SYNTHETIC, RewardJobConfig, build_job
 
@@ -102,8 +103,11 @@ def run_train_rm(args: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()  # its "Writing model shards" bar
     job = build_job(job_config, need_entropy=config.score_mode == "segment",
                     need_meta=config.metarm_eta > 0, log=log)
-    trainer = RewardTrainer(job.make_model(0), job.tokenizer, job.train_pairs, config,
-                            device=job_config.device, log=log, **job.trainer_kwargs())
+    try:
+        trainer = RewardTrainer(job.make_model(0), job.tokenizer, job.train_pairs, config,
+                                device=job_config.device, log=log, **job.trainer_kwargs())
+    except ValueError as error:   # an option that does not fit the data: exit 2, no traceback
+        raise configs.ConfigError(str(error)) from None
     result = trainer.train()
     if trainer.dist.is_main:
         for name, values in result.metrics.items():
@@ -114,8 +118,9 @@ def run_train_rm(args: argparse.Namespace) -> int:
             print(f"model: {result.model_dir}")
         if config.output_dir:
             # written last: its presence marks a finished run
-            (Path(config.output_dir) / "final_metrics.json").write_text(
-                json.dumps({"steps": result.steps, "metrics": result.metrics}, indent=2) + "\n")
+            text = json.dumps({"steps": result.steps, "metrics": result.metrics}, indent=2)
+            atomic_write(Path(config.output_dir) / "final_metrics.json",
+                         lambda tmp: tmp.write_text(text + "\n"))
     _shut_down_process_group()
     return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -142,9 +141,6 @@ class RewardTrainerConfig:
         if self.label_smoothing > 0 and self.smoothing_on == "negative_strength":
             used.append("smoothing_on=negative_strength")
         return used
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     # Options that change what a checkpoint's numbers mean: resuming with other values is an
     # error. The rest (logging, evaluation cadence, checkpoint cadence) may change on resume.

@@ -114,7 +114,7 @@ def build_job(config: RewardJobConfig, *, need_entropy: bool = False, need_meta:
     synthetic_model = config.model == SYNTHETIC
     # the task: the data's source, or the language of a file written from it (`rlengine
     # strength`'s output) when the model is the task's own
-    task = (_synthetic_task(config.synthetic_task_seed)
+    task = (synthetic_task(config.synthetic_task_seed)
             if synthetic_data or synthetic_model else None)
     if synthetic_data:
         pairs = task.preference_pairs(config.synthetic_pairs,
@@ -197,7 +197,7 @@ def _eval_files(config: RewardJobConfig) -> dict[str, list[PreferencePair]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic_task(seed: int):
+def synthetic_task(seed: int):
     """One task object per seed and process: its SFT policy (about 10 s) is cached per object,
     and `rlengine strength` or a test may build several jobs in one process."""
     from rlengine.synthetic import SyntheticTask

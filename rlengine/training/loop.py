@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rlengine.configs import to_yaml
+from rlengine.files import atomic_write
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext
 from rlengine.training.metrics import MetricsLogger
@@ -70,7 +71,8 @@ def start_run(config: Any, *, dist: DistributedContext, load: Callable[[Path], i
     logger = MetricsLogger(config.output_dir, tensorboard=config.tensorboard,
                            enabled=dist.is_main, resume_step=resumed_from)
     if dist.is_main and config.output_dir:
-        (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config))
+        text = to_yaml(config)
+        atomic_write(Path(config.output_dir) / "config.yaml", lambda tmp: tmp.write_text(text))
     if resumed_from is None:
         log(describe())
     progress = progress_bar(config.progress and dist.is_main, total_steps, position(), desc)
