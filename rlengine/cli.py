@@ -55,13 +55,9 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlengine", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    quick = commands.add_parser(
-        "quickstart", help="the main job on the built-in default",
-        description="Until the full RLHF pipeline lands, quickstart runs every fused op on a tiny "
-                    "random transformers model's outputs and prints its speedup over the eager "
-                    "equivalent, measured live.")
-    _add_kernel_options(quick)
-    quick.set_defaults(run=_kernels)
+    from rlengine.quickstart import commands as quickstart_commands
+
+    quickstart_commands.add_parser(commands)
     kernels = commands.add_parser(
         "kernels", help="time every fused op against its eager equivalent, live",
         description="Run every fused op on a tiny random transformers model's outputs, check it "

@@ -1,5 +1,6 @@
-"""The `rlengine` command: the live kernel demo runs every fused op on a real (tiny, random)
-transformers model and reports results that agree with the eager equivalents."""
+"""The `rlengine` command: the live kernel demo (`rlengine kernels`, also the quickstart's first
+stage) runs every fused op on a real (tiny, random) transformers model and reports results that
+agree with the eager equivalents."""
 
 import subprocess
 import sys
@@ -21,8 +22,8 @@ def test_kernel_demo_checks_every_op_against_eager():
         assert row.max_abs_diff < 1e-4, f"{row.op} differs from eager by {row.max_abs_diff}"
 
 
-def test_quickstart_command_prints_the_table(capsys):
-    assert cli.main(["quickstart", "--batch", "4", "--seq-len", "16", "--vocab", "64",
+def test_kernels_command_prints_the_table(capsys):
+    assert cli.main(["kernels", "--batch", "4", "--seq-len", "16", "--vocab", "64",
                      "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "token_logprobs + entropy" in out and "masked_whiten" in out

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from rlengine.machine import describe_cpu
 from rlengine.policy.commands import PPO_SYNTHETIC_DEFAULTS, SYNTHETIC_DEFAULTS
 from rlengine.policy.job import (
     RRHFJobConfig,
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [run_seed(task, policy, seed, iterations=args.iterations, log=print)
             for seed in seeds]
     date = datetime.date.today().isoformat()
-    meta = {"date": date, "machine": _machine(), "torch": torch.__version__,
+    meta = {"date": date, "machine": f"{describe_cpu()} (shared)", "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": args.threads, "seeds": seeds, "iterations": args.iterations,
             "seconds": time.perf_counter() - began}
@@ -287,20 +288,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / f"policy-acceptance-{date}.md").write_text(text)
     print(text)
     return 0
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{model}, {os.cpu_count()} logical CPUs (shared)"
 
 
 if __name__ == "__main__":

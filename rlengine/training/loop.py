@@ -19,6 +19,7 @@ from rlengine.files import atomic_write
 from rlengine.training.checkpoint import CheckpointManager
 from rlengine.training.distributed import DistributedContext
 from rlengine.training.metrics import MetricsLogger
+from rlengine.training.progress import progress_bar
 
 
 @dataclass(kw_only=True)
@@ -203,22 +204,6 @@ def refuse_resume(path: str | Path, changed: list[str]) -> None:
         raise ValueError(f"cannot resume from {path}: the run's options changed "
                          f"({'; '.join(changed)}); use another output_dir, or resume=false "
                          f"to start over")
-
-
-class NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kwargs: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    """A tqdm bar over optimizer steps, or a stand-in that does nothing."""
-    if not enabled:
-        return NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                mininterval=1.0)
 
 
 def data_parallel(module: torch.nn.Module, dist: DistributedContext) -> torch.nn.Module:
