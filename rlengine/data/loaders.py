@@ -40,10 +40,17 @@ from typing import Any, TypeVar
 
 from rlengine.data.sources import DataFormatError, RawRow, iter_rows
 from rlengine.data.transcripts import is_hh_transcript, split_conversations, split_hh_transcripts
-from rlengine.data.types import Message, PreferencePair, PromptExample, RankedExample, Text
+from rlengine.data.types import (
+    Demonstration,
+    Message,
+    PreferencePair,
+    PromptExample,
+    RankedExample,
+    Text,
+)
 
-__all__ = ["DataFormatError", "SkippedRowsWarning", "load_preferences", "load_prompts",
-           "load_ranked", "load_samples"]
+__all__ = ["DataFormatError", "SkippedRowsWarning", "load_demonstrations", "load_preferences",
+           "load_prompts", "load_ranked", "load_samples"]
 
 Example = TypeVar("Example")
 
@@ -153,6 +160,65 @@ def load_prompts(source: Any, *, split: str | None = None, prompt_field: str = "
             prompt, _ = row.resolve_prompt(None, transcripts, labels, prompt_required=True,
                                            prompt_field=prompt_field)
         return PromptExample(prompt=prompt, source=row.raw.source, extra=row.extra(known))
+
+    return _load(source, split, limit, on_error, parse)
+
+
+def load_demonstrations(source: Any, *, split: str | None = None, prompt_field: str = "prompt",
+                        response_fields: tuple[str, ...] = ("response", "completion"),
+                        chosen_field: str = "chosen", rejected_field: str = "rejected",
+                        messages_field: str = "messages", text_field: str = "text",
+                        limit: int | None = None, on_error: str = "raise",
+                        ) -> list[Demonstration]:
+    """SFT demonstrations, from the first of these row layouts that fits:
+
+    - ``{prompt?, response}`` or ``{prompt?, completion}`` (TRL's prompt-completion), texts or
+      conversations;
+    - ``{prompt?, chosen, rejected?}`` preference pairs: the chosen response. The prompt is
+      found from both sides as load_preferences finds it, so that on HH-RLHF transcripts an
+      SFT policy and a reward model trained on one file see the same prompts;
+    - ``{messages}``: one conversation (TRL's conversational format); the prompt is everything
+      before its final run of assistant messages;
+    - ``{text}``: an HH-RLHF transcript (the prompt ends at its last ``"\\n\\nAssistant:"``)
+      or a conversation, split the same way; a plain text is trained whole.
+
+    With no prompt field, an HH transcript or a conversation has its prompt split off; a plain
+    response keeps ``prompt=None`` (trained whole). Other columns go to ``extra``."""
+    known = {prompt_field, *response_fields, chosen_field, rejected_field, messages_field,
+             text_field}
+
+    def parse(row: _Row) -> Demonstration:
+        prompt = row.optional_text(prompt_field)
+        response_field = next((f for f in response_fields if row.get(f) is not None), None)
+        if response_field is not None:
+            texts = [row.text(response_field, response=True)]
+            labels = [f"field {response_field!r}"]
+        elif row.get(chosen_field) is not None:
+            texts = [row.text(chosen_field, response=True)]
+            labels = [f"field {chosen_field!r}"]
+            if row.get(rejected_field) is not None:
+                texts.append(row.text(rejected_field, response=True))
+                labels.append(f"field {rejected_field!r}")
+        elif row.get(messages_field) is not None:
+            texts = [row.text(messages_field)]
+            labels = [f"field {messages_field!r}"]
+            if not isinstance(texts[0], list):
+                raise row.error(f"field {messages_field!r} must be a list of messages, got a "
+                                "string")
+        elif row.get(text_field) is not None:
+            texts = [row.text(text_field)]
+            labels = [f"field {text_field!r}"]
+        else:
+            expected = ", ".join(repr(f) for f in (*response_fields, chosen_field,
+                                                   messages_field, text_field))
+            raise row.error(f"no response to train on: expected one of the fields {expected}; "
+                            f"{row.fields_present()}")
+        prompt, responses = row.resolve_prompt(prompt, texts, labels, prompt_required=False)
+        response = responses[0]
+        if prompt is None and isinstance(response, str) and not response.strip():
+            raise row.error(f"{labels[0]} is empty text (and there is no prompt it answers)")
+        return Demonstration(prompt=prompt, response=response, source=row.raw.source,
+                             extra=row.extra(known))
 
     return _load(source, split, limit, on_error, parse)
 

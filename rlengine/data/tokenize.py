@@ -22,6 +22,10 @@ Truncation (``max_length`` tokens in all, prompt and one response)
     model compares them on the same context. A response cut short loses its EOS: its score is
     then read at its last kept token. Prompt-only data keeps the last ``max_length`` tokens.
 
+Demonstrations (SFT) are a prompt and one response, truncated by the same rule. A
+demonstration with no prompt (a whole text) and a tokenizer that adds no BOS has its first
+token as context: it cannot be predicted from nothing.
+
 Collation pads to the longest sequence of the batch (chosen and rejected to one length, so
 they can be concatenated into one forward pass) and returns, per side: ``input_ids``,
 ``attention_mask`` (0/1, long), ``response_mask`` (bool, true on response tokens) and
@@ -36,11 +40,19 @@ from typing import Any
 
 import torch
 
-from rlengine.data.types import PreferencePair, PromptExample, RankedExample, Source, Text
+from rlengine.data.types import (
+    Demonstration,
+    PreferencePair,
+    PromptExample,
+    RankedExample,
+    Source,
+    Text,
+)
 
-__all__ = ["PreferenceDataset", "PromptDataset", "RankedDataset", "TokenizedPair",
-           "TokenizedPrompt", "TokenizedRanked", "TokenizedSequence", "TruncationStats",
-           "collate_pairs", "collate_prompts", "collate_ranked", "pad_token_id",
+__all__ = ["DemonstrationDataset", "PreferenceDataset", "PromptDataset", "RankedDataset",
+           "TokenizedDemonstration", "TokenizedPair", "TokenizedPrompt", "TokenizedRanked",
+           "TokenizedSequence", "TruncationStats", "collate_demonstrations", "collate_pairs",
+           "collate_prompts", "collate_ranked", "pad_token_id", "tokenize_demonstration",
            "tokenize_pair", "tokenize_prompt", "tokenize_ranked"]
 
 
@@ -84,6 +96,17 @@ class TokenizedRanked:
 
 
 @dataclass
+class TokenizedDemonstration:
+    sequence: TokenizedSequence
+    index: int = 0
+    source: Source | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return _any_cut([self.sequence])
+
+
+@dataclass
 class TokenizedPrompt:
     input_ids: list[int]
     tokens_cut: int = 0
@@ -109,15 +132,19 @@ class TruncationStats:
     response_truncated: int
 
     @classmethod
-    def of(cls, items: Sequence[TokenizedPair | TokenizedRanked | TokenizedPrompt],
-           ) -> TruncationStats:
+    def of(cls, items: Sequence[TokenizedPair | TokenizedRanked | TokenizedPrompt
+                                | TokenizedDemonstration]) -> TruncationStats:
         prompt_cut = response_cut = truncated = 0
         for item in items:
             if isinstance(item, TokenizedPrompt):
                 sequences_prompt_cut, sequences_response_cut = item.tokens_cut > 0, False
             else:
-                sequences = ([item.chosen, item.rejected] if isinstance(item, TokenizedPair)
-                             else item.responses)
+                if isinstance(item, TokenizedPair):
+                    sequences = [item.chosen, item.rejected]
+                elif isinstance(item, TokenizedDemonstration):
+                    sequences = [item.sequence]
+                else:
+                    sequences = item.responses
                 sequences_prompt_cut = any(s.prompt_tokens_cut for s in sequences)
                 sequences_response_cut = any(s.response_tokens_cut for s in sequences)
             prompt_cut += sequences_prompt_cut
@@ -278,6 +305,29 @@ def _tokenize_ranked(example: RankedExample, encoder: _Encoder, max_length: int 
     return TokenizedRanked(sequences, list(example.scores), index, example.source)
 
 
+def tokenize_demonstration(example: Demonstration, tokenizer: Any, *,
+                           max_length: int | None = None, max_prompt_length: int | None = None,
+                           add_eos: bool = True, index: int = 0) -> TokenizedDemonstration:
+    """One demonstration as token ids (the prompt an exact prefix); truncation as for pairs."""
+    prompt_share = _check_lengths(max_length, max_prompt_length)
+    return _tokenize_demonstration(example, _Encoder(tokenizer, add_eos=add_eos), max_length,
+                                   prompt_share, index)
+
+
+def _tokenize_demonstration(example: Demonstration, encoder: _Encoder, max_length: int | None,
+                            prompt_share: int | None, index: int) -> TokenizedDemonstration:
+    where = _where(example.source, index)
+    prompt_ids, responses_ids = encoder.encode(example.prompt, [example.response], where)
+    (sequence,) = _truncate(prompt_ids, responses_ids, max_length, prompt_share)
+    if sequence.response_start == 0:
+        # no prompt and no BOS: the first token is context, never a label
+        if len(sequence.input_ids) < 2:
+            raise ValueError(f"{where}: a text with no prompt needs at least 2 tokens (the "
+                             "first is only context), got 1")
+        sequence.response_start = 1
+    return TokenizedDemonstration(sequence, index, example.source)
+
+
 def _check_prompt_length(max_length: int | None) -> None:
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                    or max_length < 1):
@@ -359,6 +409,16 @@ def collate_ranked(batch: Sequence[TokenizedRanked], pad_token_id: int,
     return out
 
 
+def collate_demonstrations(batch: Sequence[TokenizedDemonstration], pad_token_id: int,
+                           padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """A batch of demonstrations: ``input_ids``, ``attention_mask``, ``response_mask`` (the
+    tokens the SFT loss is on: the response, EOS included), ``last_index`` [B, L] / [B] and
+    ``index`` [B] (each example's position in its dataset)."""
+    out = _pad([d.sequence for d in batch], pad_token_id, padding_side)
+    out["index"] = torch.tensor([d.index for d in batch], dtype=torch.long)
+    return out
+
+
 def collate_prompts(batch: Sequence[TokenizedPrompt], pad_token_id: int,
                     padding_side: str = "left") -> dict[str, torch.Tensor]:
     """A batch of prompts for generation, left-padded by default so that every prompt ends at
@@ -425,3 +485,17 @@ class PromptDataset(_TokenizedDataset):
 
     def collate(self, batch: Sequence[TokenizedPrompt]) -> dict[str, torch.Tensor]:
         return collate_prompts(batch, self.pad_token_id, self.padding_side)
+
+
+class DemonstrationDataset(_TokenizedDataset):
+    def __init__(self, examples: Sequence[Demonstration], tokenizer: Any, *,
+                 max_length: int | None = None, max_prompt_length: int | None = None,
+                 add_eos: bool = True, padding_side: str = "right"):
+        prompt_share = _check_lengths(max_length, max_prompt_length)
+        encoder = _Encoder(tokenizer, add_eos=add_eos)
+        items = [_tokenize_demonstration(example, encoder, max_length, prompt_share, i)
+                 for i, example in enumerate(examples)]
+        super().__init__(items, pad_token_id(tokenizer), padding_side)
+
+    def collate(self, batch: Sequence[TokenizedDemonstration]) -> dict[str, torch.Tensor]:
+        return collate_demonstrations(batch, self.pad_token_id, self.padding_side)

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlengine.data.types import PreferencePair, PromptExample, RankedExample, Text
+from rlengine.data.types import Demonstration, PreferencePair, PromptExample, RankedExample, Text
 
 __all__ = ["BOS_TOKEN", "CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "ROLE_TOKENS",
-           "example_texts", "load_tokenizer", "train_text_tokenizer"]
+           "example_texts", "load_tokenizer", "tokenizer_folder", "train_text_tokenizer"]
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -86,8 +86,8 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
         raise ValueError("no non-empty text to train the tokenizer on")
 
 
-def example_texts(examples: Iterable[PreferencePair | RankedExample | PromptExample],
-                  ) -> Iterator[str]:
+def example_texts(examples: Iterable[PreferencePair | RankedExample | PromptExample
+                                     | Demonstration]) -> Iterator[str]:
     """Every text of the examples (message contents for conversations): the corpus to train a
     tokenizer on."""
     for example in examples:
@@ -97,6 +97,8 @@ def example_texts(examples: Iterable[PreferencePair | RankedExample | PromptExam
             fields = [example.prompt, *example.responses]
         elif isinstance(example, PromptExample):
             fields = [example.prompt]
+        elif isinstance(example, Demonstration):
+            fields = [example.prompt, example.response]
         else:
             raise TypeError(f"not an example: {type(example).__name__}")
         for text in fields:
@@ -106,13 +108,28 @@ def example_texts(examples: Iterable[PreferencePair | RankedExample | PromptExam
                 yield from (message["content"] for message in text)
 
 
+def tokenizer_folder(path: str | Path) -> Path:
+    """The folder holding the tokenizer of ``path``: ``path`` itself, or the ``model`` folder
+    of a run directory (what `rlengine train-rm` and `rlengine sft` write to --output-dir:
+    the final model and its tokenizer are in ``<output-dir>/model``)."""
+    folder = Path(path)
+    if not _has_tokenizer(folder) and _has_tokenizer(folder / "model"):
+        return folder / "model"
+    return folder
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
 def load_tokenizer(path: str | Path):
-    """A tokenizer saved in a local folder (``save_pretrained`` output), never fetched from the
+    """A tokenizer saved in a local folder (``save_pretrained`` output), or in the ``model``
+    folder of a `rlengine train-rm` / `rlengine sft` run directory; never fetched from the
     hub. A tokenizer without a pad token gets its EOS as pad token: padding positions are masked
     out everywhere, so which id fills them does not matter, but collation needs one."""
     from transformers import AutoTokenizer
 
-    folder = Path(path)
+    folder = tokenizer_folder(path)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"no tokenizer folder at {folder}: tokenizers are loaded from local folders only "

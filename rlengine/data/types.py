@@ -58,3 +58,15 @@ class PromptExample:
     prompt: Text
     source: Source | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Demonstration:
+    """An SFT example: a response to imitate after ``prompt``. ``prompt`` is None when the
+    response is a whole text with no prompt (language modeling on all of it but its first
+    token). ``extra`` keeps any other columns."""
+
+    prompt: Text | None
+    response: Text
+    source: Source | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

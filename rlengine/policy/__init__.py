@@ -53,17 +53,18 @@ from rlengine.policy.rollout import (
 )
 from rlengine.policy.rrhf import RRHFLoss, RRHFResult, RRHFTrainer, rrhf_loss
 from rlengine.policy.rrhf_config import RRHFConfig
+from rlengine.policy.sft import SFTResult, SFTTrainer
+from rlengine.policy.sft_config import SFTConfig
 
 __all__ = [
-    "Experience", "PPOConfig", "PPOLoss", "PPOResult", "PPOTrainer", "PolicyLogprobs",
-    "action_values", "clipped_surrogate", "clipped_value_loss", "explained_variance", "ppo_loss",
-    "AdaptiveKLController", "FixedKLController", "FunctionRewards", "LocationNormalizer",
+    "AdaptiveKLController", "Experience", "FixedKLController", "FunctionRewards",
+    "LocationNormalizer", "PPOConfig", "PPOLoss", "PPOResult", "PPOTrainer", "PolicyLogprobs",
     "RRHFConfig", "RRHFLoss", "RRHFResult", "RRHFTrainer", "RewardModelRewards", "Rollout",
-    "RolloutRewards", "SamplingConfig", "Segments", "apply_eos_penalty", "bandit_rewards",
-    "clip_rewards", "collect_segment_rewards", "critic_values", "diverse_beam_search",
-    "generate_rollout", "huber_line_fit", "kl_estimate", "kl_shaped_rewards",
-    "location_statistics", "make_critic", "make_kl_controller", "next_token_entropy",
+    "RolloutRewards", "SFTConfig", "SFTResult", "SFTTrainer", "SamplingConfig", "Segments",
+    "action_values", "apply_eos_penalty", "bandit_rewards", "clip_rewards", "clipped_surrogate",
+    "clipped_value_loss", "collect_segment_rewards", "critic_values", "diverse_beam_search",
+    "explained_variance", "generate_rollout", "huber_line_fit", "kl_estimate", "kl_shaped_rewards",
+    "location_statistics", "make_critic", "make_kl_controller", "next_token_entropy", "ppo_loss",
     "response_logprobs", "rrhf_loss", "segment_dense_rewards", "segment_rewards",
-    "sequence_logprobs", "sequence_rewards_at_last_token", "token_level_rewards",
-    "whiten_rewards",
+    "sequence_logprobs", "sequence_rewards_at_last_token", "token_level_rewards", "whiten_rewards",
 ]

@@ -1,6 +1,6 @@
-"""`rlengine ppo`, `rlengine rrhf` and `rlengine fit-normalizer`: a YAML config (``--config``)
-and one flag per option that overrides it. `ppo` and `rrhf` run as one process or under
-torchrun (DDP: gloo on the CPU, NCCL on CUDA)."""
+"""`rlengine sft`, `rlengine ppo`, `rlengine rrhf` and `rlengine fit-normalizer`: a YAML config
+(``--config``) and one flag per option that overrides it. `sft`, `ppo` and `rrhf` run as one
+process or under torchrun (DDP: gloo on the CPU, NCCL on CUDA)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from rlengine.policy.job import (
     NormalizerJobConfig,
     PPOJobConfig,
     RRHFJobConfig,
+    SFTJobConfig,
     build_ppo_job,
     build_rrhf_job,
+    build_sft_job,
     run_fit_normalizer,
 )
 from rlengine.policy.ppo_config import PPOConfig
 from rlengine.policy.rrhf_config import RRHFConfig
+from rlengine.policy.sft_config import SFTConfig
 from rlengine.reward.commands import _is_main_process, _shut_down_process_group
 
 # The tiny synthetic policy wants a far larger step than the paper's 7B models, and its
@@ -32,9 +35,41 @@ SYNTHETIC_DEFAULTS = {"lr": 1e-3, "max_new_tokens": 12, "rounds": 4, "epochs": 2
 PPO_SYNTHETIC_DEFAULTS = {"actor_lr": 2e-4, "critic_lr": 1e-3, "max_new_tokens": 12,
                           "iterations": 30, "prompts_per_iteration": 32, "samples_per_prompt": 4,
                           "mini_batch_size": 32, "evaluate_every": 10}
+# SFT of the synthetic task's tiny model: the settings of its own SFT policy
+# (SyntheticTask.sft_policy: 700 steps of 32 at 3e-3); of a tiny-* model built fresh: a rate
+# that moves a random-init model in a few hundred steps (TRL's 2e-5 is for pretrained ones).
+SFT_SYNTHETIC_DEFAULTS = {"lr": 3e-3, "batch_size": 32, "steps": 700, "eval_every": 100}
+SFT_TINY_DEFAULTS = {"lr": 1e-3}
 
 
 def add_parsers(commands) -> None:
+    sft = commands.add_parser(
+        "sft", help="supervised fine-tuning of a policy on demonstrations (the start of RRHF "
+                    "and PPO)",
+        description="SFT: train a causal LM on the response tokens of demonstrations (the "
+                    "prompt is context only; loss averaged over response tokens, EOS included), "
+                    "with log-probs through the engine's fused ops. Data: {prompt, response} or "
+                    "{prompt, completion} rows, preference pairs (trained on chosen), HH-RLHF "
+                    "transcripts or {messages} conversations. Model: a local causal-LM folder, "
+                    "or --model tiny-llama / tiny-gpt2 built fresh for --tokenizer (the reward "
+                    "model's: its train-rm output directory, so that RRHF and PPO can score the "
+                    "policy's tokens; or 'train'). With no options it trains the synthetic "
+                    "task's tiny model on its noisy-expert demonstrations. Options come from "
+                    "--config (YAML), then from the flags below. Writes checkpoints, "
+                    "metrics.jsonl (and TensorBoard logs), the final policy with its tokenizer "
+                    "in OUTPUT_DIR/model (`rlengine rrhf --model` and `rlengine ppo --model` "
+                    "take it) and final_metrics.json, and resumes from its newest checkpoint "
+                    "when run again. Data parallel: `torchrun --nproc-per-node N -m "
+                    "rlengine.cli sft ...` (batch_size is the global batch).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sft.add_argument("--config", metavar="YAML", default=None,
+                     help="a YAML file of option: value (any option below, with _ or -)")
+    sft.add_argument("--print-config", action="store_true",
+                     help="print the resolved configuration and exit")
+    configs.add_arguments(sft, SFTJobConfig, group="data, policy and tokenizer")
+    configs.add_arguments(sft, SFTConfig, group="training")
+    sft.set_defaults(run=run_sft)
+
     rrhf = commands.add_parser(
         "rrhf", help="train a policy with RRHF (ranked candidates + SFT on the best)",
         description="RRHF: each round samples candidates from the current policy (sampling or "
@@ -100,6 +135,55 @@ def add_parsers(commands) -> None:
     fit.set_defaults(run=run_fit_normalizer_command)
 
 
+def resolve_sft(args: argparse.Namespace) -> tuple[SFTJobConfig, SFTConfig]:
+    from rlengine.reward.job import TINY_MODELS
+
+    (job, trainer), given = configs.from_sources([SFTJobConfig, SFTConfig], args,
+                                                 config_path=args.config)
+    defaults = (SFT_SYNTHETIC_DEFAULTS if job.model == SYNTHETIC
+                else SFT_TINY_DEFAULTS if job.model in TINY_MODELS else {})
+    try:
+        trainer = dataclasses.replace(trainer, **{name: value for name, value in defaults.items()
+                                                  if name not in given})
+    except ValueError as error:
+        raise configs.ConfigError(str(error)) from None
+    return job, trainer
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from rlengine.policy.sft import SFTTrainer
+
+    opened = _open_run(args, resolve_sft)
+    if opened is None:
+        return 0
+    job_config, config, log = opened
+    job = build_sft_job(job_config, max_length=config.max_length, log=log)
+    trainer = _make_trainer(SFTTrainer, job, job.examples, config, device=job_config.device,
+                            log=log)
+    result = trainer.train()
+    if trainer.dist.is_main:
+        logged = [(r["step"], r["train/loss"]) for r in result.history if "train/loss" in r]
+        if logged:
+            print("training loss: " + ", ".join(f"{loss:.4f} at step {step}" for step, loss
+                                                 in dict([logged[0], logged[-1]]).items()))
+        if len(result.evaluations) >= 2:
+            first, last = result.evaluations[0], result.evaluations[-1]
+            for key in first:
+                if key.startswith("eval/") and not key.endswith(("/tokens", "/examples")):
+                    print(f"{key.removeprefix('eval/')}: {first[key]:.4f} before, "
+                          f"{last[key]:.4f} after {last['step']} step(s)")
+        if result.model_dir:
+            print(f"policy: {result.model_dir}  (rlengine rrhf / ppo --model {result.model_dir})")
+        if config.output_dir:
+            # written last: its presence marks a finished run
+            text = json.dumps({"steps": result.steps, "metrics": result.metrics,
+                               "evaluations": result.evaluations}, indent=2) + "\n"
+            atomic_write(Path(config.output_dir) / "final_metrics.json",
+                         lambda tmp: tmp.write_text(text))
+    _shut_down_process_group()
+    return 0
+
+
 def resolve_rrhf(args: argparse.Namespace) -> tuple[RRHFJobConfig, RRHFConfig]:
     (job, trainer), given = configs.from_sources([RRHFJobConfig, RRHFConfig], args,
                                                  config_path=args.config)
@@ -148,6 +232,15 @@ def run_rrhf(args: argparse.Namespace) -> int:
                             log=log)
     result = trainer.train()
     if trainer.dist.is_main:
+        if not result.evaluations:
+            # no held-out evaluation (real data): the reward of each round's candidates, the
+            # first round's sampled from the starting policy
+            by_round = {int(r["train/round"]): r for r in result.history if "train/round" in r}
+            for key, label in (("round/policy_sample_reward_mean", "policy samples' reward"),
+                               ("round/best_reward_mean", "best candidates' reward")):
+                if all(key in r for r in by_round.values()) and by_round:
+                    print(f"{label} by round: " + ", ".join(
+                        f"{i}: {r[key]:.4f}" for i, r in sorted(by_round.items())))
         _report(result, config.output_dir, "round", {"steps": result.steps})
     _shut_down_process_group()
     return 0
@@ -197,6 +290,16 @@ def run_ppo(args: argparse.Namespace) -> int:
                             log=log)
     result = trainer.train()
     if trainer.dist.is_main:
+        rewards = [(r["step"], r["rollout/reward"]) for r in result.history
+                   if "rollout/reward" in r]
+        if not result.evaluations and rewards:
+            # no held-out evaluation (real data): the reward of the rollouts as training went,
+            # averaged over the first and the last quarter of the iterations (one is noisy)
+            window = max(1, len(rewards) // 4)
+            parts = [rewards[:window], rewards[-window:]] if len(rewards) > 1 else [rewards]
+            print("rollout reward: " + ", then ".join(
+                f"{sum(v for _, v in part) / len(part):.4f} over iteration(s) {part[0][0]}"
+                + (f"-{part[-1][0]}" if len(part) > 1 else "") for part in parts))
         _report(result, config.output_dir, "iteration",
                 {"iterations": result.iterations, "steps": result.steps})
     _shut_down_process_group()

@@ -1,15 +1,19 @@
-"""What an RRHF run or a normalizer fit works on, named by a config and built into objects: the
-`rlengine rrhf` and `rlengine fit-normalizer` commands are these plus the trainer / the fit.
+"""What an SFT, RRHF or PPO run or a normalizer fit works on, named by a config and built into
+objects: the `rlengine sft`, `rrhf`, `ppo` and `fit-normalizer` commands are these plus the
+trainer / the fit.
 
 Data (RRHF queries): ``synthetic`` (the built-in task: prompts, each with noisy-expert
 responses as the data set's candidates, and the gold reward) or a file / datasets folder:
 prompts ``{prompt}``, pairs ``{prompt, chosen, rejected}`` (both responses become candidates),
 ranked ``{prompt, responses, scores}`` or samples ``{prompt, responses}``. Response files of
 other models (``{prompt, responses}`` rows) add candidates to the queries with the same prompt.
+SFT demonstrations: see rlengine.data.load_demonstrations.
 
-Policy: ``synthetic`` (the task's SFT policy) or a local causal-LM folder with its tokenizer.
+Policy: ``synthetic`` (the task's SFT policy; for SFT, its untrained model) or a local
+causal-LM folder with its tokenizer (a run directory works too: its ``model`` folder is
+used); SFT also builds ``tiny-llama`` / ``tiny-gpt2`` for a given or trained tokenizer.
 Reward: the synthetic task's gold reward, a RewardModel folder (written by `rlengine
-train-rm`; it must share the policy's tokenizer), or the data's own scores.
+train-rm`; it must share the policy's tokenizer, which is checked), or the data's own scores.
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ from typing import Any, Literal
 import torch
 
 from rlengine.configs import ConfigError, option
-from rlengine.data.loaders import load_preferences, load_prompts, load_ranked, load_samples
+from rlengine.data.loaders import (
+    load_demonstrations,
+    load_preferences,
+    load_prompts,
+    load_ranked,
+    load_samples,
+)
 from rlengine.data.sources import iter_rows
-from rlengine.data.tokenizer import load_tokenizer
-from rlengine.data.types import RankedExample, Text
+from rlengine.data.tokenizer import (
+    example_texts,
+    load_tokenizer,
+    tokenizer_folder,
+    train_text_tokenizer,
+)
+from rlengine.data.types import Demonstration, RankedExample, Text
 from rlengine.reward.job import synthetic_task
 
 SYNTHETIC = "synthetic"
@@ -128,6 +143,8 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
         if not config.reward_model:
             raise ConfigError("reward 'model' needs reward_model: a RewardModel folder")
         kwargs["reward_model"] = load_reward_model(config.reward_model)
+        check_reward_model_tokenizer(tokenizer, tokenizer_source(config), kwargs["reward_model"],
+                                     config.reward_model)
         kwargs["reward_score_mode"] = config.reward_score_mode
     else:
         if policy_samples:
@@ -165,8 +182,65 @@ def _load_policy(config: RRHFJobConfig | PPOJobConfig, task) -> tuple[torch.nn.M
             raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
                               f"{config.tokenizer!r} cannot be used with it")
         return task.sft_policy(), task.tokenizer
-    return (load_causal_lm(config.model, "model"),
-            _load_tokenizer(config.tokenizer or config.model))
+    policy = load_causal_lm(config.model, "model")
+    tokenizer = _load_tokenizer(config.tokenizer or config.model)
+    check_vocabulary_fits(policy, f"the policy {config.model}", tokenizer,
+                          tokenizer_source(config))
+    return policy, tokenizer
+
+
+def tokenizer_source(config: RRHFJobConfig | PPOJobConfig | SFTJobConfig) -> str:
+    """Where a job's tokenizer came from, in words (for error messages)."""
+    if config.model == SYNTHETIC:
+        return "the synthetic task's tokenizer"
+    if config.tokenizer == "train":
+        return "the tokenizer trained on the data"
+    folder = tokenizer_folder(config.tokenizer or config.model)
+    return f"the tokenizer in {folder}"
+
+
+def check_vocabulary_fits(model: torch.nn.Module, model_name: str, tokenizer: Any,
+                          source: str) -> None:
+    """A ConfigError when ``tokenizer`` has ids past the model's embedding table (they would
+    fail deep inside the model's forward)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(f"{source} has {len(tokenizer)} tokens but {model_name} embeds only "
+                          f"{rows}: they do not belong together")
+
+
+def check_reward_model_tokenizer(tokenizer: Any, source: str, reward_model,
+                                 reward_model_path: str | Path) -> None:
+    """A ConfigError, naming both, when the policy's tokenizer is not the reward model's:
+    RRHF and PPO hand the policy's token ids to the reward model as they are, so one id must
+    mean one token to both. A reward model saved without a tokenizer is checked for fitting
+    ids only."""
+    folder = reward_model_folder(reward_model_path)
+    if not (folder / "tokenizer_config.json").is_file() \
+            and not (folder / "tokenizer.json").is_file():
+        check_vocabulary_fits(reward_model.backbone, f"the reward model {folder}", tokenizer,
+                              source)
+        return
+    theirs = _load_tokenizer(str(folder))
+    differences = []
+    mine_vocab, their_vocab = tokenizer.get_vocab(), theirs.get_vocab()
+    if mine_vocab != their_vocab:
+        differing = sorted(set(mine_vocab.items()) ^ set(their_vocab.items()),
+                           key=lambda item: item[1])
+        examples = ", ".join(f"{token!r}={index}" for token, index in differing[:3])
+        differences.append(f"vocabularies of {len(mine_vocab)} and {len(their_vocab)} tokens, "
+                           f"{len(differing)} (token, id) entries not shared (e.g. {examples})")
+    for name in ("bos_token", "eos_token"):
+        if getattr(tokenizer, name) != getattr(theirs, name):
+            differences.append(f"{name} {getattr(tokenizer, name)!r} vs "
+                               f"{getattr(theirs, name)!r}")
+    if differences:
+        raise ConfigError(
+            f"the policy's tokenizer ({source}) is not the reward model's (the tokenizer in "
+            f"{folder}): {'; '.join(differences)}. The reward model scores the policy's token "
+            f"ids, so both must use one tokenizer: train the SFT policy with `rlengine sft "
+            f"--tokenizer {folder} ...`, or give this command --tokenizer {folder} if the "
+            f"policy was trained with it")
 
 
 def _synthetic_evaluation(config: RRHFJobConfig | PPOJobConfig, task):
@@ -271,15 +345,27 @@ def load_reward_model(path: str | Path):
     ``model`` folder); a ConfigError naming the path otherwise."""
     from rlengine.reward.model import RewardModel
 
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir():
         raise ConfigError(f"reward_model {path} is not a folder")
-    if not (path / "config.json").is_file() and (path / "model").is_dir():
-        path = path / "model"  # a train-rm output directory
+    path = reward_model_folder(path)
     try:
         return RewardModel.load(path)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"reward_model: {error}") from None
+
+
+def reward_model_folder(path: str | Path) -> Path:
+    """``path``, or the ``model`` folder of a `rlengine train-rm` output directory."""
+    return model_folder(path)
+
+
+def model_folder(path: str | Path) -> Path:
+    """``path``, or the ``model`` folder of a run directory (what `rlengine train-rm`, `sft`,
+    `rrhf` and `ppo` write to --output-dir: the final model is in ``<output-dir>/model``)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
 
 
 def _key(prompt: Text) -> str:
@@ -292,7 +378,11 @@ def load_causal_lm(path: str, what: str):
     if not Path(path).is_dir():
         raise ConfigError(f"{what} {path!r} is neither 'synthetic' nor a local checkpoint folder "
                           f"(the hub is not used)")
-    return AutoModelForCausalLM.from_pretrained(path)
+    folder = model_folder(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{what} {path!r}: no config.json there (nor in {path}/model): not a "
+                          f"transformers checkpoint folder or run directory")
+    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 def _load_tokenizer(path: str):
@@ -562,6 +652,9 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
 
     # after the cheap checks: the synthetic policy trains for seconds
     policy, tokenizer = _load_policy(config, task)
+    if reward_model is not None:
+        check_reward_model_tokenizer(tokenizer, tokenizer_source(config), reward_model,
+                                     config.reward_model)
 
     kwargs: dict[str, Any] = {"kernels": config.kernels}
     if synthetic_data:
@@ -621,3 +714,148 @@ def _fit_normalizer_now(config: PPOJobConfig, task, reward_model, policy, tokeni
         reward_model, policy, tokenizer, texts, threshold=threshold, kernels=config.kernels,
         device=device, model=config.reward_model or "trained now", log=log)
     return normalizer
+
+
+# ---- sft ------------------------------------------------------------------------------------
+
+@dataclass
+class SFTJobConfig:
+    data: str = option(SYNTHETIC, "demonstrations: 'synthetic' (the task's noisy expert) or a "
+                                  ".jsonl/.json/.parquet file or datasets folder of {prompt, "
+                                  "response} / {prompt, completion} rows, preference pairs "
+                                  "(the chosen response), HH-RLHF transcripts or {messages} "
+                                  "conversations")
+    eval: dict[str, str] = option({}, "held-out demonstrations as name=path[,name=path]")
+    eval_fraction: float = option(0.0, "hold out this fraction of the training examples as the "
+                                       "'heldout' evaluation set (shuffled with data_seed)")
+    limit: int | None = option(None, "use only the first N training examples")
+    split: str | None = option(None, "split to read from a DatasetDict folder")
+    data_seed: int = option(0, "seed of the held-out split and of the synthetic data")
+    model: str = option(SYNTHETIC, "the policy to fine-tune: 'synthetic' (the task's tiny "
+                                   "llama, random init), 'tiny-llama' / 'tiny-gpt2' (a small "
+                                   "random-init model sized to the tokenizer) or a local "
+                                   "causal-LM folder")
+    tokenizer: str | None = option(None, "a local tokenizer folder or run directory (a "
+                                         "`rlengine train-rm` output, so that the policy shares "
+                                         "the reward model's tokenizer), or 'train' (byte-level "
+                                         "BPE on the training texts); default: the model's own")
+    tokenizer_vocab: int = option(4096, "vocabulary of a trained tokenizer")
+    tiny_hidden: int = option(128, "tiny-*: hidden size")
+    tiny_layers: int = option(2, "tiny-*: layers")
+    tiny_dropout: float = option(0.0, "tiny-*: dropout")
+    model_seed: int = option(0, "seed of a randomly initialised model")
+    synthetic_task_seed: int = option(0, "synthetic: the task's seed")
+    synthetic_demonstrations: int = option(4000, "synthetic: the noisy expert's demonstrations")
+    synthetic_error_rate: float = option(0.1, "synthetic: the expert's error rate")
+    synthetic_eval_prompts: int = option(200, "synthetic: held-out prompts for the gold-reward "
+                                              "evaluation")
+    kernels: Literal["engine", "reference"] = option(
+        "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("synthetic_demonstrations", "synthetic_eval_prompts", "tokenizer_vocab",
+                     "tiny_hidden", "tiny_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if not 0.0 <= self.synthetic_error_rate <= 1.0:
+            raise ValueError(f"synthetic_error_rate must be in [0, 1], got "
+                             f"{self.synthetic_error_rate}")
+
+
+@dataclass
+class SFTJob:
+    """Everything SFTTrainer needs besides its config."""
+
+    policy: torch.nn.Module
+    tokenizer: Any
+    examples: list[Demonstration]
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sft_job(config: SFTJobConfig, *, max_length: int | None = None, log=print) -> SFTJob:
+    """The demonstrations, held-out sets, tokenizer and policy that ``config`` names;
+    ``max_length`` (the trainer's) sizes the position table of a tiny model. A ConfigError for
+    a combination that cannot work."""
+    from rlengine.reward.job import TINY_MODELS, _split_heldout
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    synthetic_data = config.data == SYNTHETIC
+    task = synthetic_task(config.synthetic_task_seed) \
+        if synthetic_data or config.model == SYNTHETIC else None
+    if synthetic_data:
+        examples = task.demonstrations(config.synthetic_demonstrations,
+                                       config.synthetic_error_rate, seed=config.data_seed + 1)
+        if config.limit:
+            examples = examples[:config.limit]
+    else:
+        next(iter(_rows(config.data, config.split)), None)  # a missing file is a ConfigError
+        examples = load_demonstrations(config.data, split=config.split, limit=config.limit)
+        if not examples:
+            raise ConfigError(f"data {config.data}: no rows")
+    examples, heldout = _split_heldout(examples, config)
+    eval_sets: dict[str, list[Demonstration]] = {"heldout": heldout} if heldout else {}
+    for name, path in config.eval.items():
+        next(iter(_rows(path, config.split)), None)
+        eval_sets[name] = load_demonstrations(path, split=config.split)
+
+    if config.model == SYNTHETIC:
+        if config.tokenizer:
+            raise ConfigError(f"model 'synthetic' has its own tokenizer; tokenizer "
+                              f"{config.tokenizer!r} cannot be used with it")
+        tokenizer = task.tokenizer
+        policy = task.make_policy(config.model_seed)
+    elif config.model in TINY_MODELS:
+        if not config.tokenizer:
+            raise ConfigError(f"model {config.model!r} is built for a tokenizer: give tokenizer "
+                              f"as a local folder (the reward model's: its `rlengine train-rm` "
+                              f"output directory) or 'train'")
+        tokenizer = _sft_tokenizer(config, examples)
+        policy = _tiny_policy(config, tokenizer, max_length)
+    else:
+        if config.tokenizer == "train":
+            raise ConfigError(f"tokenizer 'train' makes new token ids, which mean nothing to the "
+                              f"trained model {config.model!r}: use its own tokenizer (leave "
+                              f"tokenizer unset) or a tiny-* model")
+        policy = load_causal_lm(config.model, "model")
+        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+        check_vocabulary_fits(policy, f"the policy {config.model}", tokenizer,
+                              tokenizer_source(config))
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{tokenizer_source(config)} has no EOS token: an SFT policy must learn "
+                          f"to stop, and RRHF and PPO end its samples at EOS")
+
+    kwargs: dict[str, Any] = {"eval_sets": eval_sets, "kernels": config.kernels}
+    if synthetic_data:
+        kwargs["evaluate"], prompts = _synthetic_evaluation(config, task)
+        log(f"synthetic task: {len(examples)} noisy-expert demonstrations (error rate "
+            f"{config.synthetic_error_rate}), gold reward on {len(prompts)} held-out prompts")
+    return SFTJob(policy, tokenizer, examples, kwargs)
+
+
+def _sft_tokenizer(config: SFTJobConfig, examples: list[Demonstration]):
+    if config.tokenizer == "train":
+        return train_text_tokenizer(example_texts(examples), vocab_size=config.tokenizer_vocab)
+    return _load_tokenizer(config.tokenizer)
+
+
+def _tiny_policy(config: SFTJobConfig, tokenizer: Any, max_length: int | None):
+    from rlengine.synthetic.models import ModelConfig, make_causal_lm
+
+    # the position table covers the longest training text; RRHF and PPO later generate
+    # prompt + response within it too
+    positions = max(max_length or 1024, 64)
+    try:
+        model_config = ModelConfig(architecture=config.model.removeprefix("tiny-"),
+                                   hidden_size=config.tiny_hidden, num_layers=config.tiny_layers,
+                                   num_heads=4, intermediate_size=4 * config.tiny_hidden,
+                                   max_positions=positions, dropout=config.tiny_dropout)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return make_causal_lm(model_config, tokenizer, config.model_seed)

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from rlengine.data.tokenize import pad_token_id
+from rlengine.data.tokenize import pad_token_id, tokenize_prompt
 from rlengine.data.types import PromptExample, Text
 from rlengine.policy.ppo_config import PPOConfig
 from rlengine.policy.rewards import (
@@ -64,6 +64,7 @@ from rlengine.policy.rollout import (
     Rollout,
     SamplingConfig,
     action_values,
+    check_sequence_length,
     generate_rollout,
     kernel_ops,
     make_critic,
@@ -382,6 +383,13 @@ class PPOTrainer:
                                   .getrandbits(62))
                 critic = make_critic(policy=policy)
         self.critic = critic.to(self.device)
+        longest_prompt = max(len(tokenize_prompt(PromptExample(p), tokenizer,
+                                                 max_length=config.max_prompt_length).input_ids)
+                             for p in self.prompts)
+        check_sequence_length(
+            {"policy": policy, "critic": critic, "reward model": reward_model},
+            longest_prompt + config.max_new_tokens, "prompts and responses of max_new_tokens",
+            "set max_prompt_length or max_new_tokens so that they fit")
         # No dropout in either model, in rollouts or updates: see the module docstring.
         self.policy.eval()
         self.critic.eval()

@@ -529,6 +529,36 @@ class PolicyLogprobs(torch.nn.Module):
                                  kernels=self.kernels)
 
 
+# ---- sequence lengths -----------------------------------------------------------------------
+
+def learned_position_limit(model: torch.nn.Module) -> int | None:
+    """How many positions ``model`` (a causal LM, a base model or a RewardModel) has learned
+    embeddings for (GPT-2's ``wpe``, OPT's ``embed_positions``): past it, its forward fails
+    with an index error deep inside the embedding. None for models without such a table
+    (rotary, ALiBi or relative positions), which have no hard limit."""
+    body = model.backbone if isinstance(model, RewardModel) else getattr(model, "base_model",
+                                                                         model)
+    limit = getattr(getattr(body, "config", None), "max_position_embeddings", None)
+    if limit is None:
+        return None
+    for name, module in body.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+            return int(limit)
+    return None
+
+
+def check_sequence_length(models: dict[str, torch.nn.Module | None], longest: int,
+                          what: str, advice: str) -> None:
+    """A ValueError, before any step runs, when sequences of ``longest`` tokens (``what``
+    says what they are) do not fit one of the named models' learned position tables."""
+    for name, model in models.items():
+        limit = None if model is None else learned_position_limit(model)
+        if limit is not None and longest > limit:
+            raise ValueError(f"{what} reach {longest} tokens, but the {name} has learned "
+                             f"position embeddings for {limit} only; {advice}")
+
+
 # ---- the critic -----------------------------------------------------------------------------
 
 def make_critic(*, policy: PreTrainedModel | None = None,

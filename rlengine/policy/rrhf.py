@@ -35,6 +35,7 @@ from rlengine.policy.rollout import (
     Kernels,
     PolicyLogprobs,
     SamplingConfig,
+    check_sequence_length,
     generate_rollout,
     kernel_ops,
     sequence_logprobs,
@@ -252,6 +253,14 @@ class RRHFTrainer:
         if config.policy_samples == 0 and all(len(q.fixed) < 2 for q in self.queries):
             raise ValueError("no query has 2 or more candidates: set policy_samples > 0 or give "
                              "queries with responses")
+        sampled = config.max_new_tokens if config.policy_samples else 0
+        check_sequence_length(
+            {"policy": policy, "reward model": reward_model},
+            max(len(q.prompt_ids) + max([sampled, *(len(c.response_ids) for c in q.fixed)])
+                for q in self.queries),
+            "prompts and their candidates (policy samples of up to max_new_tokens, the data's "
+            "responses)", "set max_prompt_length, max_response_length or max_new_tokens so "
+                          "that they fit")
 
         self.micro_batch = micro_batch_size(config.queries_per_step, "queries_per_step",
                                             self.dist, config.grad_accum)

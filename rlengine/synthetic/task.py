@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from rlengine.data.types import PreferencePair, PromptExample, RankedExample, Source
+from rlengine.data.types import (
+    Demonstration,
+    PreferencePair,
+    PromptExample,
+    RankedExample,
+    Source,
+)
 from rlengine.synthetic import models as _models
 from rlengine.synthetic import training as _training
 from rlengine.synthetic.vocabulary import (
@@ -123,15 +129,6 @@ class GoldReward:
     @property
     def total(self) -> float:
         return math.fsum(self.token_rewards) + self.global_reward
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    """An SFT example: a prompt and a (possibly imperfect) response to imitate."""
-
-    prompt: str
-    response: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sigmoid(x: float) -> float:
@@ -298,7 +295,7 @@ class SyntheticTask:
         for i in range(n):
             prompt = self.make_prompt(*self._draw_prompt(rng))
             response, errors = self.expert_response(prompt, error_rate, rng)
-            out.append(Demonstration(prompt, response, {
+            out.append(Demonstration(prompt, response, extra={
                 "errors": errors, "gold_reward": self.gold_reward(prompt, response), "index": i}))
         return out
 
