@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def _bool(text: str) -> bool:
 
 
 def _stage_names() -> list[str]:
-    return ["kernels", "sft", "samples", "strength", "reward", "active", "rrhf", "ppo",
-            "report"]
+    from rlengine.quickstart.stages import all_stages
+
+    return [stage.name for stage in all_stages()]
 
 
 def _stage_list(text: str, option: str) -> set[str]:
@@ -92,7 +94,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     stages = all_stages()
     began = time.perf_counter()
     console = Console()
-    with shared_display(console) if args.progress else _no_display():
+    with shared_display(console) if args.progress else contextlib.nullcontext():
         say(f"rlengine quickstart ({'fast' if args.fast else 'default'}) -> {out}, "
             f"{torch.get_num_threads()} CPU threads")
         overall = progress_bar(args.progress, len(stages), 0, "quickstart", unit="stages")
@@ -108,14 +110,6 @@ def run_quickstart(args: argparse.Namespace) -> int:
         print(f"\nreport: {out / 'report.md'}  plots: {out / 'plots'}  "
               f"metrics: {out / 'metrics.jsonl'}")
     return 0
-
-
-class _no_display:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _quiet_libraries() -> None:

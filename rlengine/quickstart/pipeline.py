@@ -56,9 +56,6 @@ class Run:
     def say(self, message: str) -> None:
         say(message)
 
-    def metrics(self, stage: str) -> list[MetricRow]:
-        return self.records.get(stage, {}).get("metrics", [])
-
     @cached_property
     def task(self):
         from rlengine.reward.job import synthetic_task

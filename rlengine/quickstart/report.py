@@ -20,7 +20,6 @@ from rlengine.files import atomic_write
 from rlengine.machine import describe_cpu
 from rlengine.quickstart.pipeline import MetricRow, Run, write_metrics
 
-STAGE_ORDER = ("kernels", "sft", "samples", "strength", "reward", "active", "rrhf", "ppo")
 POLICY_RUNS = {"ppo_gold": "PPO, gold reward", "ppo_bandit": "PPO, bandit reward model",
                "ppo_segment": "PPO, segment-dense reward model",
                "rrhf_denoised_rm": "RRHF, denoised reward model"}
@@ -62,7 +61,8 @@ class Metrics:
 
 
 def write_report(run: Run) -> list[MetricRow]:
-    rows = [row for stage in STAGE_ORDER for row in run.metrics(stage)]
+    # the records of the stages before this one, in pipeline order
+    rows = [row for record in run.records.values() for row in record["metrics"]]
     write_metrics(run.out / "metrics.jsonl", rows)
     metrics = Metrics(rows)
     plots = run.out / "plots"
@@ -122,8 +122,10 @@ def markdown(m: Metrics, run: Run, pictures: dict[str, str]) -> str:
 
 
 def _stage_table(run: Run) -> list[str]:
+    from rlengine.quickstart.stages import all_stages
+
     rows = []
-    for stage in STAGE_ORDER:
+    for stage in (s.name for s in all_stages() if not s.always):
         record = run.records.get(stage)
         if record is None:
             rows.append([stage, "not run", ""])

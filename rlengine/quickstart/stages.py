@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def kernels(run: Run) -> list[MetricRow]:
     from rlengine import kernel_demo
 
     s = run.settings
-    bar = progress_bar(run.progress, 8, 0, "kernels", unit="op")
+    bar = progress_bar(run.progress, None, 0, "kernels", unit="op")  # the demo owns the op list
     rows = kernel_demo.run(batch=s.kernel_batch, seq_len=s.kernel_seq_len,
                            vocab_size=s.kernel_vocab, repeats=s.kernel_repeats, seed=s.seed,
                            progress=lambda message: bar.update(message.startswith("timing")))
@@ -55,7 +56,7 @@ def kernels(run: Run) -> list[MetricRow]:
 def sft(run: Run) -> list[MetricRow]:
     from rlengine.policy.job import evaluate_synthetic
 
-    run.say(f"  supervised fine-tuning of a tiny Llama on {4000} noisy-expert demonstrations "
+    run.say("  supervised fine-tuning of a tiny Llama on the noisy expert's demonstrations "
             f"({run.settings.sft_steps} steps)")
     policy = run.task.sft_policy(steps=run.settings.sft_steps)
     model_dir = run.folder("sft") / "model"
@@ -266,8 +267,6 @@ def _trainer_rows(name: str, output_dir: Path, counter: str, prompts_per_step: i
     """Held-out gold rewards (and PPO's rollout rewards) from a trainer's metrics.jsonl, which
     holds the whole run even when it was interrupted and resumed; steps are counted in prompts
     trained on, so PPO iterations and RRHF rounds share an axis."""
-    import json
-
     rows = []
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

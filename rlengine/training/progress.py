@@ -91,10 +91,11 @@ class NoProgress:
     def close(self) -> None: ...
 
 
-def progress_bar(enabled: bool, total: int, initial: int, desc: str, unit: str = "step"
+def progress_bar(enabled: bool, total: int | None, initial: int, desc: str, unit: str = "step"
                  ) -> Bar | NoProgress:
-    """A bar from ``initial`` to ``total``: in the shared display when one is open, else in a
-    display of its own; a stand-in that does nothing when not ``enabled``."""
+    """A bar from ``initial`` to ``total`` (None: not known ahead): in the shared display when
+    one is open, else in a display of its own; a stand-in that does nothing when not
+    ``enabled``."""
     if not enabled:
         return NoProgress()
     display = _shared
