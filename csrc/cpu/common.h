@@ -68,12 +68,28 @@ inline void check_dim(const char* op, const char* name, const at::Tensor& t, int
                     "-D, got shape ", t.sizes());
 }
 
-// Threads get at least this many scalar elements of work each: below it the fork/join of
-// at::parallel_for costs more than it saves.
-constexpr int64_t kMinElementsPerTask = 32768;
+// ---- parallel regions -----------------------------------------------------------------------
+// at::parallel_for runs a range on the calling thread alone when it holds at most one grain; a
+// larger one opens an OpenMP region, which costs a fork and a join: microseconds on a quiet
+// machine while idle threads spin, tens to hundreds when they sleep, and a whole scheduler
+// time slice whenever a thread of the region waits for a core that another process holds. Each
+// op's grain is half the work (in its own unit) at which 2 threads first ran at least 1.3x
+// faster than 1 on a quiet machine with the `rlengine` command's short spin
+// (GOMP_SPINCOUNT=10000 and 30000 alike), so that a call too small to gain never opens a
+// region: `python bench/ops_threads.py sweep`, bench/results/ops-threads-sweep-2026-12-07.md.
+namespace grain {
+inline constexpr int64_t kLogprobs = 65536;        // logits (rows x vocabulary)
+inline constexpr int64_t kSequenceScores = 65536;  // token positions
+inline constexpr int64_t kRankPairs = 32768;       // candidate pairs (K x K per query)
+inline constexpr int64_t kBtLoss = 65536;          // preference pairs
+inline constexpr int64_t kScan = 32768;            // GAE / discounted-returns positions
+inline constexpr int64_t kSegments = 32768;        // token positions
+inline constexpr int64_t kStats = 65536;           // elements
+}  // namespace grain
 
-inline int64_t rows_per_task(int64_t row_length) {
-  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, row_length));
+// Rows per task for rows of `row_length` units and a grain in the same unit.
+inline int64_t rows_per_task(int64_t row_length, int64_t grain_units) {
+  return std::max<int64_t>(1, grain_units / std::max<int64_t>(1, row_length));
 }
 
 // One row of a tensor: its first element and the distance between positions. Row kernels take

@@ -220,7 +220,7 @@ void forward(const at::Tensor& rewards, const at::Tensor& values, const at::Tens
   };
 
   std::vector<ForwardScan> scans(per_row > 1 ? rows * per_row : 0);
-  at::parallel_for(0, rows * per_row, per_row > 1 ? 1 : rows_per_task(steps),
+  at::parallel_for(0, rows * per_row, per_row > 1 ? 1 : rows_per_task(steps, grain::kScan),
                    [&](int64_t begin, int64_t end) {
     for (int64_t lane = begin; lane < end; ++lane) {
       const int64_t row = lane / per_row, block = lane % per_row;
@@ -301,7 +301,7 @@ void backward(const at::Tensor& grad_advantages, const at::Tensor& grad_returns,
   };
 
   std::vector<BackwardScan> scans(rows * per_row);
-  at::parallel_for(0, rows * per_row, per_row > 1 ? 1 : rows_per_task(steps),
+  at::parallel_for(0, rows * per_row, per_row > 1 ? 1 : rows_per_task(steps, grain::kScan),
                    [&](int64_t begin, int64_t end) {
     for (int64_t lane = begin; lane < end; ++lane) {
       const int64_t row = lane / per_row, block = lane % per_row;

@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
     const double scale = std::is_same_v<scalar_t, double>
                              ? 1.0 / temperature
                              : static_cast<double>(static_cast<float>(1.0 / temperature));
-    at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(V, grain::kLogprobs), [&](int64_t begin, int64_t end) {
       float buffer[kChunk];
       for (int64_t i = begin; i < end; ++i) {
         const int64_t label = label_ptr[i];
@@ -263,7 +263,7 @@ void backward_into(const at::Tensor& grad,
     const double* g_lp_ptr = g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr;
     const double* g_ent_ptr = g_ent.defined() ? g_ent.const_data_ptr<double>() : nullptr;
     const double* ent_ptr = ent.defined() ? ent.const_data_ptr<double>() : nullptr;
-    at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(V, grain::kLogprobs), [&](int64_t begin, int64_t end) {
       float in_buffer[kChunk];
       float out_buffer[kChunk];
       for (int64_t i = begin; i < end; ++i) {

@@ -223,7 +223,7 @@ at::Tensor sequence_scores_cpu(const at::Tensor& token_logprobs, const at::Tenso
     const scalar_t* x_base = x.const_data_ptr<scalar_t>();
     const uint8_t* m_base = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     out_t* out = scores.mutable_data_ptr<out_t>();
-    at::parallel_for(0, N, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(T, grain::kSequenceScores), [&](int64_t begin, int64_t end) {
       float buffer[kChunk];
       for (int64_t row = begin; row < end; ++row) {
         const RowSum r =
@@ -260,7 +260,7 @@ at::Tensor sequence_scores_backward_cpu(const at::Tensor& grad_scores, const at:
     const uint8_t* m_base = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
     const double* g_ptr = g.const_data_ptr<double>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(T, grain::kSequenceScores), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const uint8_t* mr = m_base + row * m_stride;
         scalar_t* o = out + row * T;
@@ -318,7 +318,7 @@ void for_each_query(const at::Tensor& scores, const at::Tensor& rewards,
   const int64_t v0 = valid ? valid->stride(0) : 0, v1 = valid ? valid->stride(1) : 0;
   const int64_t s0 = scores.stride(0), s1 = scores.stride(1);
   const int64_t r0 = rewards.stride(0), r1 = rewards.stride(1);
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, K * K));
+  const int64_t grain = rows_per_task(K * K, grain::kRankPairs);
   constexpr const char* op = "rrhf_rank_loss";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), op, [&] {
     using score_t = scalar_t;
@@ -517,7 +517,7 @@ at::Tensor bt_loss_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
     const auto in = bt_operands<acc_t>(chosen, rejected, margin, label_smoothing, margin_value,
                                        label_smoothing_value);
     acc_t* out = loss.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, n_total, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_total, grain::kBtLoss, [&](int64_t begin, int64_t end) {
       ChunkReader<acc_t> c(in.chosen), r(in.rejected), m(in.margin), a(in.smoothing);
       for (int64_t start = begin; start < end; start += kChunk) {
         const int64_t n = std::min(kChunk, end - start);
@@ -556,7 +556,7 @@ std::tuple<at::Tensor, at::Tensor> bt_loss_backward_cpu(
     const auto grad_in = make_operand<acc_t>(grad_loss, 0.0);
     acc_t* gd = grad_delta.mutable_data_ptr<acc_t>();
     acc_t* ga = label_smoothing ? grad_smoothing.mutable_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, n_total, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_total, grain::kBtLoss, [&](int64_t begin, int64_t end) {
       ChunkReader<acc_t> c(in.chosen), r(in.rejected), m(in.margin), a(in.smoothing), g(grad_in);
       for (int64_t start = begin; start < end; start += kChunk) {
         const int64_t n = std::min(kChunk, end - start);

@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_segments_cpu(const at::Tensor& entrop
     const Rows<bool> mask(response_mask);
     int64_t* ids = segment_ids.mutable_data_ptr<int64_t>();
     int64_t* count = counts.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(T, grain::kSegments), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         count[b] = segment_row<scalar_t>(ent[b], mask[b], T, ends, ids + b * T);
       }
@@ -296,7 +296,7 @@ at::Tensor segment_reduce_cpu(const at::Tensor& values, const at::Tensor& segmen
     const Rows<int64_t> count(counts);
     out_t* out_base = out.mutable_data_ptr<out_t>();
     const int64_t out_row = reduce == SegmentReduction::kEndMean ? 1 : T;
-    at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(T, grain::kSegments), [&](int64_t begin, int64_t end) {
       Scratch scratch(max_count, reduce != SegmentReduction::kEnd,
                       reduce == SegmentReduction::kMean);
       for (int64_t b = begin; b < end; ++b) {
@@ -385,7 +385,7 @@ at::Tensor segment_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tens
     const Rows<int64_t> ids(segment_ids);
     const Rows<int64_t> count(counts);
     scalar_t* out_base = grad_values.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(T, grain::kSegments), [&](int64_t begin, int64_t end) {
       Scratch scratch(max_count, false, reduce != SegmentReduction::kSum);
       for (int64_t b = begin; b < end; ++b) {
         segment_reduce_backward_row<scalar_t, acc_t>(reduce, RowIds{ids[b], op, b, count.at(b)},
@@ -513,7 +513,7 @@ at::Tensor segment_rewards_to_dense_cpu(const at::Tensor& segment_rewards,
     const Rows<int64_t> count(counts);
     const Rows<bool> receives(mask);
     out_t* out_base = dense.mutable_data_ptr<out_t>();
-    at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(T, grain::kSegments), [&](int64_t begin, int64_t end) {
       Scratch scratch(max_count, rule.spread != SegmentSpread::kEnd,
                       rule.spread != SegmentSpread::kRepeat);
       for (int64_t b = begin; b < end; ++b) {
@@ -578,7 +578,7 @@ at::Tensor segment_rewards_to_dense_backward_cpu(
     const Rows<int64_t> count(counts);
     const Rows<bool> receives(mask);
     scalar_t* out_base = grad_segment.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(T, grain::kSegments), [&](int64_t begin, int64_t end) {
       Scratch scratch(max_count, true, rule.spread != SegmentSpread::kRepeat);
       for (int64_t b = begin; b < end; ++b) {
         dense_backward_row<scalar_t, acc_t>(rule, RowIds{ids[b], op, b, count.at(b)},

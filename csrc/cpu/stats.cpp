@@ -335,7 +335,7 @@ void reduce_rows(int64_t rows, int64_t len, const BlockFn& block, const FinishFn
   if (rows == 0) return;
   const int64_t blocks = len <= kBlock ? 1 : (len + kBlock - 1) / kBlock;
   const int64_t block_len = std::max<int64_t>(1, std::min(len, kBlock));
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / block_len);
+  const int64_t grain = rows_per_task(block_len, grain::kStats);
   if (blocks == 1) {
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) finish(r, block(r, r * len, (r + 1) * len));
@@ -362,7 +362,7 @@ void reduce_rows(int64_t rows, int64_t len, const BlockFn& block, const FinishFn
 template <typename Fn>
 void map_rows(int64_t rows, int64_t len, const Fn& fn) {
   if (rows == 0 || len == 0) return;
-  at::parallel_for(0, rows * len, kMinElementsPerTask, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows * len, grain::kStats, [&](int64_t b, int64_t e) {
     for (int64_t pos = b; pos < e;) {
       const int64_t r = pos / len;
       const int64_t end = std::min({e, (r + 1) * len, pos + kChunk});
@@ -379,7 +379,7 @@ void for_tiles(const Geometry& g, const Fn& fn) {
   const int64_t tiles = (g.inner + kTile - 1) / kTile;
   if (g.outer == 0 || tiles == 0) return;
   const int64_t tile_elems = std::max<int64_t>(1, g.len * std::min(g.inner, kTile));
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / tile_elems);
+  const int64_t grain = rows_per_task(tile_elems, grain::kStats);
   at::parallel_for(0, g.outer * tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o = t / tiles, i0 = (t % tiles) * kTile;
