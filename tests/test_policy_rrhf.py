@@ -11,7 +11,7 @@ import torch
 from rlengine import ops
 from rlengine.data import RankedExample
 from rlengine.policy import RRHFConfig, RRHFTrainer, rrhf_loss
-from rlengine.policy.job import evaluate_synthetic, synthetic_task
+from rlengine.policy.job import synthetic_task
 from rlengine.reward import RewardModel
 
 torch.set_num_threads(1)
@@ -94,24 +94,37 @@ def _policy(sft_policy):
 
 
 def test_rrhf_raises_the_gold_reward_with_and_without_the_ranking_term(sft_policy):
-    heldout = TASK.prompts(100, seed=321)
+    """3 rounds x 2 epochs of 96 queries, 8 per step (72 steps): the mean sampled gold reward
+    on 400 held-out prompts rises. Over 20 seeds x 4 CPU code paths it rose by 0.12 to 1.21
+    (mean 0.65, sd 0.26; one run of 80 below 0.26) with the ranking term and by 0.36 to 1.30
+    (mean 0.81, sd 0.22) without. The former scenario (2 rounds of 16 queries per step, 100
+    held-out prompts) rose by -0.02 to 1.04 (mean 0.44, sd 0.24) and missed its bound of 0.3
+    in 25 of 80 runs; bench/results/outcome-spread-2026-12-07.md."""
+    heldout = TASK.prompts(400, seed=321)
+
+    def evaluate(policy):  # the sampled half of evaluate_synthetic (its seed 17): half the time
+        sampled = TASK.evaluate_policy(policy, heldout, greedy=False, seed=17)
+        return {"gold_reward_sampled": sampled["mean_gold_reward"]}
+
     results = {}
     for rank_weight in (1.0, 0.0):
         trainer = RRHFTrainer(_policy(sft_policy), TASK.tokenizer, _queries(96), _config(
-            rounds=2, epochs=2, queries_per_step=16, rank_weight=rank_weight),
-            reward_fn=_gold, evaluate=lambda policy: evaluate_synthetic(TASK, heldout, policy),
-            log=lambda *_: None)
+            rounds=3, epochs=2, queries_per_step=8, rank_weight=rank_weight),
+            reward_fn=_gold, evaluate=evaluate, log=lambda *_: None)
         result = trainer.train()
         before, after = result.evaluations[0], result.evaluations[-1]
-        assert [e["eval/round"] for e in result.evaluations] == [0, 1, 2]
+        assert [e["eval/round"] for e in result.evaluations] == [0, 1, 2, 3]
         results[rank_weight] = (before["eval/gold_reward_sampled"],
                                 after["eval/gold_reward_sampled"])
         train = [r for r in result.history if "train/loss" in r]
-        assert len(train) == trainer.total_steps == 24
+        assert len(train) == trainer.total_steps == 72
         if rank_weight == 0:
             assert all(r["train/loss"] == pytest.approx(r["train/sft_loss"]) for r in train)
+    # below the lowest rises measured (0.12 and 0.36), above 0: a policy that does not change
+    # scores exactly 0 (the same samples), a worse one less
+    minimum_rise = {1.0: 0.05, 0.0: 0.2}
     for rank_weight, (before, after) in results.items():
-        assert after > before + 0.3, (rank_weight, before, after)
+        assert after > before + minimum_rise[rank_weight], (rank_weight, before, after)
 
 
 def test_trainer_computes_through_the_rlengine_ops(sft_policy, monkeypatch):

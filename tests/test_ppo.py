@@ -211,16 +211,19 @@ def test_trainer_computes_through_the_rlengine_ops(sft_policy, monkeypatch):
 
 
 def test_ppo_with_the_gold_reward_raises_the_gold_reward(sft_policy):
-    """20 iterations of 32 prompts x 4 samples: the held-out sampled gold reward rises clearly
-    (2.98 -> 4.3 at these settings, task seed 0)."""
-    heldout = TASK.prompts(100, seed=900)
+    """20 iterations of 32 prompts x 4 samples: the held-out sampled gold reward rises clearly.
+    On 400 held-out prompts, over 12 seeds x 4 CPU code paths: by 0.59 to 1.21 (mean 0.88, sd
+    0.14; 100 prompts, the former set, gave 0.47 to 1.37, sd 0.19, once under the former bound
+    of 0.5); the training rollouts' gold reward by 0.41 to 1.88, the explained variance by 0.52
+    to 1.29, the clip fraction at most 0.115; bench/results/outcome-spread-2026-12-07.md."""
+    heldout = TASK.prompts(400, seed=900)
     config = _config(iterations=20, prompts_per_iteration=32, samples_per_prompt=4,
                      mini_batch_size=32, max_new_tokens=12, evaluate_every=0)
     trainer = _trainer(sft_policy, config, gold_fn=_gold,
                        evaluate=functools.partial(evaluate_synthetic, TASK, heldout))
     result = trainer.train()
     before, after = result.evaluations[0], result.evaluations[-1]
-    assert after["eval/gold_reward_sampled"] > before["eval/gold_reward_sampled"] + 0.5
+    assert after["eval/gold_reward_sampled"] > before["eval/gold_reward_sampled"] + 0.4
     rollout = [r for r in result.history if "rollout/gold_reward" in r]
     assert len(rollout) == 20
     first, last = rollout[0], rollout[-1]

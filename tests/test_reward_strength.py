@@ -130,8 +130,10 @@ def test_decile_table_and_summary_agree_with_the_pairs(strength_run):
         assert row["label_agreement"] == float(agrees[group].double().mean())
         assert row["label_agreement_column"] == "gold_prefers_chosen"
         assert 0.0 <= row["validation_accuracy"] <= 1.0
-    # even 3 short voters push flipped labels to the bottom
-    assert rows[0]["share_flipped"] > 0.4 > rows[-1]["share_flipped"]
+    # even 3 short voters push flipped labels to the bottom (20% of all pairs are flipped).
+    # Over 10 seeds x 4 CPU code paths: the first decile 45-70% flipped (mean 59%, sd 6.6%),
+    # the last 0-15%; bench/results/outcome-spread-2026-12-07.md
+    assert rows[0]["share_flipped"] > 0.3 > rows[-1]["share_flipped"]
 
     summary = json.loads((output / "summary.json").read_text())
     assert summary["pairs"] == PAIRS and summary["voters"] == VOTERS
@@ -139,6 +141,7 @@ def test_decile_table_and_summary_agree_with_the_pairs(strength_run):
     assert summary["share_mu_negative"] == float((mu < 0).double().mean())
     assert summary["flipped_pairs"] == int(flipped.sum()) == 80
     assert summary["flipped_auc"] == pytest.approx(quadratic_roc_auc(-mu, flipped), abs=1e-12)
+    # over the same runs: 0.638-0.803 (mean 0.728, sd 0.036); random scores: 0.5 +- 0.036
     assert summary["flipped_auc"] > 0.6
     assert summary["decile_validation_accuracy"] == [row["validation_accuracy"] for row in rows]
     assert summary["validation_set"] == "clean" and summary["validation_pairs"] == 200

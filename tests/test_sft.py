@@ -233,9 +233,10 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path, capsys, flags, messag
 
 
 def _small_synthetic() -> list[str]:
-    # 40 steps of 16 on 512 demonstrations; a checkpoint after every step
+    # 40 steps of 16 on 512 demonstrations; a checkpoint after every step; the greedy gold
+    # reward on 64 held-out prompts (16 left its rise within the noise of some seeds)
     return ["--synthetic-demonstrations", "512", "--eval-fraction", "0.1",
-            "--synthetic-eval-prompts", "16", "--steps", "40", "--batch-size", "16",
+            "--synthetic-eval-prompts", "64", "--steps", "40", "--batch-size", "16",
             "--eval-every", "20", "--log-every", "1", "--save-every", "1",
             "--keep-checkpoints", "0", "--threads", "1", "--progress", "false"]
 
@@ -253,8 +254,11 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(reference_run, tmp_
     final = json.loads((reference / "final_metrics.json").read_text())
     assert final["steps"] == 40 and len(final["evaluations"]) == 3
     before, after = final["evaluations"][0], final["evaluations"][-1]
-    assert after["eval/heldout/loss"] < before["eval/heldout/loss"] - 0.5
-    assert after["eval/policy/gold_reward_greedy"] > before["eval/policy/gold_reward_greedy"]
+    # Over 12 seeds x 4 CPU code paths: the held-out loss falls by 0.593 to 0.729 (mean 0.674,
+    # sd 0.038), the greedy gold reward rises by 1.65 to 9.35 (mean 6.0, sd 2.4);
+    # bench/results/outcome-spread-2026-12-07.md
+    assert after["eval/heldout/loss"] < before["eval/heldout/loss"] - 0.45
+    assert after["eval/policy/gold_reward_greedy"] > before["eval/policy/gold_reward_greedy"] + 0.5
 
     out = tmp_path / "killed"
     args = ["sft", *_small_synthetic(), "--output-dir", str(out)]
@@ -306,7 +310,9 @@ def test_hh_rlhf_reward_model_then_sft_then_rrhf_and_ppo_through_the_cli(hh_pair
     assert "SFT on 160 examples" in out and f"policy: {sft / 'model'}" in out
     losses = [r["train/loss"] for r in read_metrics(sft) if "train/loss" in r]
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # falling on its training data
+    # falling on its training data: by 0.999-1.049 (mean 1.021, sd 0.015) over 10 seeds x 4
+    # CPU code paths; bench/results/outcome-spread-2026-12-07.md
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.9
     final = json.loads((sft / "final_metrics.json").read_text())["metrics"]["heldout"]
     assert final["examples"] == 40 and final["loss"] < losses[0]
     assert load_tokenizer(sft / "model").get_vocab() == load_tokenizer(rm).get_vocab()

@@ -77,26 +77,33 @@ def test_roc_auc():
 
 @pytest.mark.slow
 def test_reward_model_learns_clean_labels_but_not_perfectly(sft_policy, validation):
-    # Measured: 0.845 after these 150 steps (3 s); a random-init backbone reaches 0.78-0.80 in
-    # 400 steps (8 s).
+    # About 0.82 after these 150 steps (3 s); a random-init backbone reaches 0.78-0.80 in 400
+    # steps (8 s). Over 15 seeds x 4 CPU code paths: accuracy 0.771-0.858 (mean 0.819, sd
+    # 0.016), loss of the last 20 steps at most 0.383; bench/results/outcome-spread-2026-12-07.md
     result = _train(sft_policy, TASK.preference_pairs(2000, flip_fraction=0.0, seed=1),
                     steps=150, seed=0)
     assert sum(result.losses[-20:]) / 20 < 0.6
-    assert 0.75 <= _accuracy(result.model, validation) <= 0.93
+    assert 0.72 <= _accuracy(result.model, validation) <= 0.93
 
 
 @pytest.mark.slow
 def test_flipped_labels_hurt_and_votes_find_them(sft_policy, validation):
     clean = TASK.preference_pairs(1000, flip_fraction=0.0, seed=1)
     noisy = TASK.preference_pairs(1000, flip_fraction=0.2, seed=1)
-    # Same comparisons, same seed, only the labels differ. Ten epochs over 1000 pairs: plain BT
-    # memorises the flips (measured here: 0.690 against 0.817 on clean labels).
+    # Same comparisons, same seed, only the labels differ (30% flipped here). Ten epochs over
+    # 1000 pairs: plain BT memorises the flips. Over 8 seeds x 4 CPU code paths: 0.60-0.70
+    # against 0.77-0.85 on clean labels, 0.078-0.218 lower (mean 0.157, sd 0.033); with 20%
+    # flipped, only 0.032-0.149 lower (mean 0.088, sd 0.029), under the former margin of 0.04
+    # once; bench/results/outcome-spread-2026-12-07.md
+    flipped_30 = TASK.preference_pairs(1000, flip_fraction=0.3, seed=1)
     clean_accuracy = _accuracy(_train(sft_policy, clean, steps=300, seed=3).model, validation)
-    noisy_accuracy = _accuracy(_train(sft_policy, noisy, steps=300, seed=3).model, validation)
-    assert 0.55 < noisy_accuracy < clean_accuracy - 0.04, (noisy_accuracy, clean_accuracy)
+    noisy_accuracy = _accuracy(_train(sft_policy, flipped_30, steps=300, seed=3).model,
+                               validation)
+    assert 0.5 < noisy_accuracy < clean_accuracy - 0.02, (noisy_accuracy, clean_accuracy)
     # Preference strength: mean score difference of a few voters trained on the noisy pairs
-    # (measured here: ROC AUC 0.856, the lowest decile 81% flipped; 5 voters on 2000 pairs:
-    # 0.90-0.91, see rlengine/synthetic/calibrate.py).
+    # (5 voters on 2000 pairs: 0.90-0.91, see rlengine/synthetic/calibrate.py). Over 8 seeds x
+    # 4 CPU code paths: ROC AUC 0.821-0.877 (mean 0.856, sd 0.016), the lowest decile 70-88%
+    # flipped (mean 79%, sd 4.6%) against 20% overall; bench/results/outcome-spread-2026-12-07.md
     differences = []
     for seed in range(3):
         voter = _train(sft_policy, noisy, steps=100, seed=10 + seed).model
@@ -104,6 +111,6 @@ def test_flipped_labels_hurt_and_votes_find_them(sft_policy, validation):
         differences.append(chosen - rejected)
     mu = torch.stack(differences).mean(0)
     flipped = torch.tensor([p.extra["flipped"] for p in noisy])
-    assert roc_auc(-mu, flipped) > 0.8
+    assert roc_auc(-mu, flipped) > 0.75
     lowest = mu.argsort()[:100]
-    assert flipped[lowest].double().mean() > 0.6
+    assert flipped[lowest].double().mean() > 0.5
