@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import rlengine
+from rlengine import _extension
 
 
 def pytest_report_header(config):
-    return (f"rlengine {rlengine.__version__} ({rlengine._extension.library_path()}), "
+    return (f"rlengine {rlengine.__version__} ({_extension.library_path()}), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 

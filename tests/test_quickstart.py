@@ -161,12 +161,25 @@ def test_a_second_run_reuses_every_stage_and_rerun_forces_one(report_dir, capsys
     assert {stage: read_record(report_dir, stage)["run_id"] for stage in STAGES} == before
     assert "ran: report" in out
 
-    code, out, _ = main_exit([*FAST, "--out", str(report_dir), "--rerun", "rrhf"], capsys)
-    assert code == 0
+    # the re-run stage on another thread count: the report gives each stage's
+    threads = torch.get_num_threads()
+    two_threads = [a if a != "1" else "2" for a in FAST]
+    try:
+        code, out, _ = main_exit([*two_threads, "--out", str(report_dir), "--rerun", "rrhf"],
+                                 capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and "2 CPU threads (--threads)" in out
     after = {stage: read_record(report_dir, stage)["run_id"] for stage in STAGES}
     assert after["rrhf"] != before["rrhf"]
     assert {s: r for s, r in after.items() if s != "rrhf"} == \
         {s: r for s, r in before.items() if s != "rrhf"}
+    assert read_record(report_dir, "rrhf")["threads"] == 2
+    assert all(read_record(report_dir, s)["threads"] == 1 for s in STAGES if s != "rrhf")
+    text = (report_dir / "report.md").read_text()
+    stages = _table(text, "stage | finished")
+    assert stages["rrhf"][-1] == "2" and stages["sft"][-1] == "1"
+    assert "1 to 2 CPU threads (by stage: the table below)" in text
 
 
 def test_only_and_skip(tmp_path, capsys):

@@ -35,6 +35,18 @@ class DataFormatError(ValueError):
         self.source = source
 
 
+class MissingDataError(DataFormatError, FileNotFoundError):
+    """A data file or folder that does not exist: a DataFormatError (the commands report it in
+    one line, like any other bad data) that is also the FileNotFoundError callers expect."""
+
+    def __init__(self, path: Path):
+        DataFormatError.__init__(self, str(path), "no such data file or folder")
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno None] None"
+        return f"{self.where}: {self.what}"
+
+
 @dataclass(frozen=True)
 class RawRow:
     """One row as read, before it is interpreted as an example."""
@@ -54,7 +66,7 @@ def iter_rows(source: Any, *, split: str | None = None) -> Iterator[RawRow | Dat
             yield from _iter_dataset(_load_from_disk(path), str(path), split)
             return
         if not path.exists():
-            raise FileNotFoundError(f"no such data file or folder: {path}")
+            raise MissingDataError(path)
         if split is not None:
             raise ValueError(f"split={split!r} applies to datasets and save_to_disk folders, "
                              f"not to the file {path}")
@@ -66,8 +78,8 @@ def iter_rows(source: Any, *, split: str | None = None) -> Iterator[RawRow | Dat
         elif name.endswith(PARQUET_SUFFIXES):
             yield from _iter_parquet(path)
         else:
-            raise ValueError(
-                f"{path}: unknown data format; expected one of "
+            raise DataFormatError(
+                str(path), f"unknown data format; expected one of "
                 f"{', '.join(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)} "
                 "or a folder written by datasets' save_to_disk")
         return

@@ -6,6 +6,9 @@ definition in rlengine/ops/reference.py. fused_linear_logprobs is the exception:
 defined in Python (rlengine/ops/fused_linear.py), with Triton kernels in rlengine/ops/triton/.
 """
 
+# The extension first: it defines the ops whose fake kernels and autograd the modules below
+# register (and it says how to build it when it is missing).
+from rlengine import _extension  # noqa: F401, I001
 from rlengine.ops.fused_linear import fused_linear_logprobs
 from rlengine.ops.gae import discounted_returns, gae
 from rlengine.ops.logprobs import token_logprobs

@@ -148,7 +148,11 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 # ---- the ops: Triton or chunked, chosen by uses_triton --------------------------------------
 # The schemas are inferred from the annotations (so no `from __future__ import annotations`).
 
-def _triton_installed() -> bool:
+def _triton_can_compile() -> bool:
+    """Whether Triton can compile kernels for this torch: a GPU build of torch with Triton
+    installed."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return False
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
@@ -156,11 +160,13 @@ def _triton_installed() -> bool:
 
 
 def _triton_op(name: str):
-    """torch.library.triton_op, or where Triton is not installed (where its search for the
-    body's kernels would log a warning at import) a custom op with the body as fake kernel,
-    which is what triton_op registers too."""
+    """torch.library.triton_op where Triton compiles kernels (so that torch.compile sees their
+    launches), else a custom op with the body as fake kernel, which is what triton_op registers
+    too. On a CPU build of torch, triton_op would only cost time: registering one imports
+    Triton and torch._inductor (about a second) to search the body for kernels that can run
+    there only under the interpreter, which needs no compiler's view of them."""
     def define(fn):
-        if _triton_installed():
+        if _triton_can_compile():
             return torch.library.triton_op(name, fn, mutates_args=())
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fn)

@@ -42,10 +42,15 @@ SFT_SYNTHETIC_DEFAULTS = {"lr": 3e-3, "batch_size": 32, "steps": 700, "eval_ever
 SFT_TINY_DEFAULTS = {"lr": 1e-3}
 
 
-def add_parsers(commands) -> None:
+def add_parser(commands, name: str, summary: str) -> None:
+    adders = {"sft": _add_sft, "rrhf": _add_rrhf, "ppo": _add_ppo,
+              "fit-normalizer": _add_fit_normalizer}
+    adders[name](commands, name, summary)
+
+
+def _add_sft(commands, name: str, summary: str) -> None:
     sft = commands.add_parser(
-        "sft", help="supervised fine-tuning of a policy on demonstrations (the start of RRHF "
-                    "and PPO)",
+        name, help=summary,
         description="SFT: train a causal LM on the response tokens of demonstrations (the "
                     "prompt is context only; loss averaged over response tokens, EOS included), "
                     "with log-probs through the engine's fused ops. Data: {prompt, response} or "
@@ -70,8 +75,10 @@ def add_parsers(commands) -> None:
     configs.add_arguments(sft, SFTConfig, group="training")
     sft.set_defaults(run=run_sft)
 
+
+def _add_rrhf(commands, name: str, summary: str) -> None:
     rrhf = commands.add_parser(
-        "rrhf", help="train a policy with RRHF (ranked candidates + SFT on the best)",
+        name, help=summary,
         description="RRHF: each round samples candidates from the current policy (sampling or "
                     "diverse beam search), adds the data's responses (chosen/rejected, ranked "
                     "responses, other models' response files), scores them with the gold "
@@ -93,8 +100,10 @@ def add_parsers(commands) -> None:
     configs.add_arguments(rrhf, RRHFConfig, group="training")
     rrhf.set_defaults(run=run_rrhf)
 
+
+def _add_ppo(commands, name: str, summary: str) -> None:
     ppo = commands.add_parser(
-        "ppo", help="train a policy with PPO (bandit, token or segment-dense rewards)",
+        name, help=summary,
         description="PPO: each iteration samples responses with the current policy, scores "
                     "them (the synthetic task's gold reward, or a reward model read as bandit, "
                     "token-level or segment-dense rewards with the location-aware normalizer), "
@@ -118,8 +127,10 @@ def add_parsers(commands) -> None:
     configs.add_arguments(ppo, PPOConfig, group="training")
     ppo.set_defaults(run=run_ppo)
 
+
+def _add_fit_normalizer(commands, name: str, summary: str) -> None:
     fit = commands.add_parser(
-        "fit-normalizer", help="fit the location-aware normalizer of segment rewards",
+        name, help=summary,
         description="Segment every fitting response by the entropy model's next-token "
                     "entropies (threshold c), read the reward model's value at each segment "
                     "end, and fit mu(p) and sigma(p) of the rewards at location p = k/K by "

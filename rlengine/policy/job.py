@@ -42,6 +42,8 @@ from rlengine.data.tokenizer import (
 )
 from rlengine.data.types import Demonstration, RankedExample, Text
 from rlengine.reward.job import synthetic_task
+from rlengine.threads import THREADS_HELP
+from rlengine.threads import configure as configure_threads
 
 SYNTHETIC = "synthetic"
 DataFormat = Literal["auto", "prompts", "pairs", "ranked", "samples"]
@@ -81,7 +83,7 @@ class RRHFJobConfig:
     data_seed: int = option(0, "seed of the synthetic data")
     kernels: Literal["engine", "reference"] = option(
         "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
 
     def __post_init__(self) -> None:
@@ -107,7 +109,7 @@ class RRHFJob:
 
 
 def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> RRHFJob:
-    synthetic_data, task = _open_job(config)
+    synthetic_data, task = _open_job(config, log)
 
     if synthetic_data:
         if config.synthetic_dataset_responses:
@@ -164,11 +166,10 @@ def build_rrhf_job(config: RRHFJobConfig, *, policy_samples: int, log=print) -> 
     return RRHFJob(policy, tokenizer, queries, kwargs, task)
 
 
-def _open_job(config: RRHFJobConfig | PPOJobConfig) -> tuple[bool, Any]:
+def _open_job(config: RRHFJobConfig | PPOJobConfig, log) -> tuple[bool, Any]:
     """Sets torch's threads; whether the data is synthetic, and the synthetic task where the
     data or the model is (else None)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_threads(config.threads, log=log)
     synthetic_data = config.data == SYNTHETIC
     task = synthetic_task(config.synthetic_task_seed) \
         if synthetic_data or config.model == SYNTHETIC else None
@@ -419,7 +420,7 @@ class NormalizerJobConfig:
     synthetic_task_seed: int = option(0, "synthetic: the task's seed")
     synthetic_pairs: int = option(1000, "synthetic: comparisons (2 responses each)")
     data_seed: int = option(0, "seed of the synthetic data")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda if available)")
 
     def __post_init__(self) -> None:
@@ -436,8 +437,7 @@ def run_fit_normalizer(config: NormalizerJobConfig, *, kernels: str = "engine", 
         raise ConfigError("reward_model is required: the RewardModel folder to fit for")
     if not config.output:
         raise ConfigError("output is required: the JSON file to write")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_threads(config.threads, log=log)
     path = Path(config.reward_model)
     reward_model = load_reward_model(path)
     synthetic_data = config.data == SYNTHETIC
@@ -551,7 +551,7 @@ class PPOJobConfig:
     data_seed: int = option(0, "seed of the synthetic data")
     kernels: Literal["engine", "reference"] = option(
         "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
 
     def __post_init__(self) -> None:
@@ -611,7 +611,7 @@ def build_ppo_job(config: PPOJobConfig, *, reward_kind: str, segment_threshold: 
     from rlengine.policy.normalizer import LocationNormalizer
     from rlengine.policy.rollout import make_critic
 
-    synthetic_data, task = _open_job(config)
+    synthetic_data, task = _open_job(config, log)
     if synthetic_data:
         prompts: list[Any] = task.prompts(config.synthetic_prompts, seed=config.data_seed + 1)
         if config.limit:
@@ -751,7 +751,7 @@ class SFTJobConfig:
                                               "evaluation")
     kernels: Literal["engine", "reference"] = option(
         "engine", "the ops: engine (rlengine's fused kernels) or reference (eager PyTorch)")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
 
     def __post_init__(self) -> None:
@@ -784,8 +784,7 @@ def build_sft_job(config: SFTJobConfig, *, max_length: int | None = None, log=pr
     a combination that cannot work."""
     from rlengine.reward.job import TINY_MODELS, _split_heldout
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_threads(config.threads, log=log)
     synthetic_data = config.data == SYNTHETIC
     task = synthetic_task(config.synthetic_task_seed) \
         if synthetic_data or config.model == SYNTHETIC else None

@@ -21,22 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel
 
 from rlengine import ops
 from rlengine.data.tokenize import pad_token_id, tokenize_prompt
 from rlengine.data.types import PromptExample, Text
 from rlengine.ops import reference as reference_ops
 from rlengine.reward.model import RewardModel
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
 Strategy = Literal["sample", "greedy", "diverse_beam"]
@@ -145,6 +148,27 @@ class Rollout:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1``, 0 on padding: positions of real tokens whatever the padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decode_step(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: Any) -> tuple[torch.Tensor, Any]:
+    """One step of incremental decoding: the logits of ``input_ids`` (the new tokens; the whole
+    prompt on the first step, ``cache`` None) given the KV cache of the tokens before them, and
+    the grown cache. ``attention_mask`` covers all tokens so far."""
+    name = _cache_argument(type(model))
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask)[:, -input_ids.shape[1]:],
+                use_cache=True, **{name: cache})
+    return out.logits, getattr(out, name)
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """What the model's forward calls its KV cache: ``cache`` in current transformers, which
+    deprecated ``past_key_values`` (removed in 5.40, a FutureWarning on every call until then);
+    ``past_key_values`` in the versions before the rename."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def last_response_index(response_mask: torch.Tensor) -> torch.Tensor:
@@ -290,6 +314,8 @@ def _generate(model, prompt_ids, prompt_mask, config: SamplingConfig, eos, pad) 
     sample = config.strategy == "sample"
     # A full GenerationConfig, not keyword overrides: a checkpoint's own generation_config
     # (top_k=50, repetition penalties, ...) must not leak into the rollout's distribution.
+    from transformers import GenerationConfig
+
     generation = GenerationConfig(
         do_sample=sample, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature if sample else None, top_p=config.top_p if sample else None,
@@ -327,13 +353,10 @@ def diverse_beam_search(model: PreTrainedModel, input_ids: torch.Tensor,
     lengths = torch.zeros(batch * num_beams, dtype=torch.long, device=device)
     tokens = torch.empty(batch * num_beams, 0, dtype=torch.long, device=device)
     offsets = (torch.arange(batch, device=device) * num_beams).unsqueeze(1)
-    step_ids, past = ids, None
+    step_ids, cache = ids, None
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask,
-                    position_ids=position_ids(mask)[:, -step_ids.shape[1]:],
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        logits, cache = decode_step(model, step_ids, mask, cache)
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
         vocab = logp.shape[-1]
         # a finished beam's only continuation: pad, at no cost
         logp = torch.where(finished.unsqueeze(1), float("-inf"), logp)
@@ -363,7 +386,7 @@ def diverse_beam_search(model: PreTrainedModel, input_ids: torch.Tensor,
         finished = was_finished | ((token == eos_token_id) if eos_token_id is not None
                                    else torch.zeros_like(was_finished))
         tokens = torch.cat([tokens[source], token.unsqueeze(1)], 1)
-        past.reorder_cache(source)
+        cache.reorder_cache(source)
         mask = torch.cat([mask[source], torch.ones_like(mask[:, :1])], 1)
         step_ids = token.unsqueeze(1)
         if bool(finished.all()):
@@ -575,6 +598,8 @@ def make_critic(*, policy: PreTrainedModel | None = None,
             raise TypeError(f"reward_model must be a RewardModel, got "
                             f"{type(reward_model).__name__}")
         return copy.deepcopy(reward_model)
+    from transformers import PreTrainedModel
+
     if not isinstance(policy, PreTrainedModel):
         raise TypeError(f"policy must be a transformers PreTrainedModel, got "
                         f"{type(policy).__name__}")

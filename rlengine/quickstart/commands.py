@@ -7,15 +7,13 @@ import contextlib
 import time
 from pathlib import Path
 
-import torch
-
 from rlengine import configs
+from rlengine.threads import configure as configure_threads
 
 
-def add_parser(commands) -> None:
+def add_parser(commands, name: str, summary: str) -> None:
     parser = commands.add_parser(
-        "quickstart", help="the main job: the whole RLHF pipeline on the built-in task, with a "
-                           "report",
+        name, help=summary,
         description="The whole RLHF pipeline on the built-in synthetic task, on this machine, "
                     "nothing downloaded: SFT of a tiny policy; candidate responses sampled from "
                     "it and labelled by a noisy simulated annotator; preference strength by a "
@@ -23,14 +21,14 @@ def add_parser(commands) -> None:
                     "active selection (D-optimal against random); RRHF; PPO (gold reward, "
                     "bandit, segment-dense); every policy judged by the task's gold reward; and "
                     "the fused ops' speedups measured live. Writes report.md, PNG plots, "
-                    "metrics.jsonl and the trained models to --out. About 10 minutes on 2 CPU "
-                    "cores (--fast: under 2, a smoke test). A stage whose outputs exist is "
+                    "metrics.jsonl and the trained models to --out (the README gives measured wall "
+                    "times). A stage whose outputs exist is "
                     "reused when run again (its settings and inputs unchanged); an interrupted "
                     "stage resumes.")
     parser.add_argument("--out", default="runs/quickstart",
                         help="the report folder (default: runs/quickstart)")
     parser.add_argument("--fast", action="store_true",
-                        help="every stage at a small size: a smoke test in under 2 minutes")
+                        help="every stage at a small size: a smoke test")
     parser.add_argument("--skip", default="", metavar="STAGES",
                         help="comma-separated stages to leave out (their saved outputs are "
                              "still used); stages: " + ", ".join(_stage_names()))
@@ -39,8 +37,9 @@ def add_parser(commands) -> None:
                              "up to date ('all': every stage)")
     parser.add_argument("--only", default="", metavar="STAGES",
                         help="run only these stages (the others' saved outputs are used)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (default 0: torch's default)")
+    parser.add_argument("--threads", type=_threads, default=0,
+                        help="CPU threads (default 0: the CPUs that other work leaves free, "
+                             "chosen at the start)")
     parser.add_argument("--progress", type=_bool, default=True,
                         help="progress bars (default true)")
     parser.set_defaults(run=run_quickstart)
@@ -53,6 +52,16 @@ def _bool(text: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: automatic), got {value}")
+    return value
 
 
 def _stage_names() -> list[str]:
@@ -85,8 +94,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     only = _stage_list(args.only, "--only")
     if only:
         skip |= set(_stage_names()) - only - {"report"}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = configure_threads(args.threads)
     _quiet_libraries()
     settings = presets.FAST if args.fast else presets.DEFAULT
     out = Path(args.out)
@@ -96,7 +104,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     console = Console()
     with shared_display(console) if args.progress else contextlib.nullcontext():
         say(f"rlengine quickstart ({'fast' if args.fast else 'default'}) -> {out}, "
-            f"{torch.get_num_threads()} CPU threads")
+            f"{threads}")
         overall = progress_bar(args.progress, len(stages), 0, "quickstart", unit="stages")
         outcomes = run_pipeline(stages, run, skip=skip, rerun=rerun, overall=overall)
         overall.close()

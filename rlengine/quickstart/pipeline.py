@@ -23,6 +23,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rlengine.files import atomic_write
 from rlengine.quickstart.settings import QuickstartSettings
 from rlengine.training.progress import say
@@ -164,9 +166,11 @@ def _run_stage(stage: Stage, run: Run, record: dict[str, Any] | None, settings: 
     seconds = time.perf_counter() - began
     rows.append({"stage": stage.name, "run": "stage", "metric": "seconds", "value": seconds})
     write_metrics(folder / "metrics.jsonl", rows)
+    # threads: a resumed pipeline may run its stages with different thread counts (the
+    # default follows the machine's load), and the report shows each stage's
     record = {"status": "finished", "run_id": run_id, "settings": settings, "inputs": inputs,
-              "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "metrics": rows}
+              "seconds": seconds, "threads": torch.get_num_threads(),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": rows}
     _write_record(run.out, stage.name, record)
     run.records[stage.name] = record
     run.say(f"[{stage.name}] done in {seconds:.0f} s")

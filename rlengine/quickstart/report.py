@@ -99,7 +99,7 @@ def markdown(m: Metrics, run: Run, pictures: dict[str, str]) -> str:
     lines = ["# rlengine quickstart report", "",
              f"{datetime.date.today().isoformat()}; {describe_cpu()}; torch {torch.__version__}, "
              f"transformers {transformers.__version__}, Python {platform.python_version()}; "
-             f"{torch.get_num_threads()} CPU threads. The built-in synthetic task (task seed "
+             f"{_threads_used(run)}. The built-in synthetic task (task seed "
              f"{s.task_seed}, seed {s.seed}): a tiny Llama copies, reverses or sorts words, and "
              f"a programmatic gold reward judges every answer, so each step of the pipeline can "
              f"be scored against the truth. Stages' compute time: {seconds / 60:.1f} min.", ""]
@@ -128,11 +128,41 @@ def _stage_table(run: Run) -> list[str]:
     for stage in (s.name for s in all_stages() if not s.always):
         record = run.records.get(stage)
         if record is None:
-            rows.append([stage, "not run", ""])
+            rows.append([stage, "not run", "", ""])
         else:
-            rows.append([stage, record.get("finished", ""), f"{record.get('seconds', 0):.0f}"])
-    return ["Stages (a stage reused from an earlier run shows when it finished):", ""] + \
-        _table(["stage", "finished", "seconds"], rows)
+            rows.append([stage, record.get("finished", ""), f"{record.get('seconds', 0):.0f}",
+                         str(record.get("threads", "not recorded"))])
+    return ["Stages (a stage reused from an earlier run shows when it finished, and the CPU "
+            "threads it ran with):", ""] + \
+        _table(["stage", "finished", "seconds", "CPU threads"], rows)
+
+
+def _threads_used(run: Run) -> str:
+    """The CPU threads of the stages in this report: one count, or the range (the stage table
+    gives each)."""
+    counts = sorted({r["threads"] for r in run.records.values() if "threads" in r})
+    if not counts:
+        return f"{torch.get_num_threads()} CPU threads"
+    if len(counts) == 1:
+        return f"{counts[0]} CPU thread{'s' if counts[0] != 1 else ''}"
+    return f"{counts[0]} to {counts[-1]} CPU threads (by stage: the table below)"
+
+
+def _speedup_summary(speedups: list[float]) -> str:
+    """How the fused ops compared with eager PyTorch, in words that stay true at the edges: a
+    speedup within 10% of 1 is the same speed, not "faster"."""
+    faster = [x for x in speedups if x >= 1.1]
+    same = [x for x in speedups if 1 / 1.1 < x < 1.1]
+    slower = [x for x in speedups if x <= 1 / 1.1]
+    parts = []
+    if faster:
+        parts.append(f"{len(faster)} of the {len(speedups)} fused ops ran faster than their "
+                     f"eager PyTorch equivalents ({min(faster):.1f}x to {max(faster):.1f}x)")
+    if same:
+        parts.append(f"{len(same)} about as fast ({min(same):.2f}x to {max(same):.2f}x)")
+    if slower:
+        parts.append(f"{len(slower)} slower ({min(slower):.2f}x to {max(slower):.2f}x)")
+    return "; ".join(parts)
 
 
 def findings(m: Metrics, s) -> list[str]:
@@ -141,10 +171,9 @@ def findings(m: Metrics, s) -> list[str]:
         speedups = [m.get("kernels", r, "speedup") for r in m.runs("kernels")]
         speedups = [x for x in speedups if x is not None]
         if speedups:
-            out.append(f"Kernels: the fused ops ran {min(speedups):.1f}x to "
-                       f"{max(speedups):.1f}x faster than their eager PyTorch equivalents on "
-                       f"this machine, measured just now (the benchmark suite's full table: "
-                       f"bench/results/cpu-2026-11-21.md).")
+            out.append(f"Kernels: {_speedup_summary(speedups)}, measured just now on this "
+                       f"machine (speedup = eager median / fused median; the benchmark "
+                       f"suite's full table: bench/results/cpu-2026-11-21.md).")
     auc = m.get("strength", "strength", "auc_flipped")
     if auc is not None:
         out.append(f"Preference strength: the voters' mean difference mu separates the "
@@ -337,17 +366,19 @@ def plot_kernels(m: Metrics, path: Path) -> bool:
     labels = [n.split(" [")[0] for n in names]
     figure = _figure(7.5, 0.45 * len(names) + 1.4)
     axes = figure.add_subplot()
-    bars = axes.barh(range(len(names)), speedups, color="#3b7dd8")
+    bars = axes.barh(range(len(names)), speedups, color="#3b7dd8",
+                     label="eager median / rlengine median")
     axes.set_yticks(range(len(names)), labels)
     axes.invert_yaxis()
     axes.set_xscale("log")
-    axes.axvline(1.0, color="gray", lw=0.8)
+    axes.axvline(1.0, color="gray", lw=0.8, label="1x: the same speed")
     axes.set_xlabel("speedup over eager PyTorch (log scale; 1 = same speed)")
     axes.set_title("Fused ops against their eager equivalents, measured live")
     for bar, value in zip(bars, speedups):
         axes.text(bar.get_width() * 1.05, bar.get_y() + bar.get_height() / 2,
                   f"{value:.1f}x", va="center", fontsize=8)
     axes.set_xlim(right=max(speedups) * 3)
+    axes.legend(loc="lower right", fontsize=8)
     return _save(figure, path)
 
 
@@ -380,6 +411,8 @@ def plot_active(m: Metrics, path: Path) -> bool:
     strategies = [r for r in m.runs("active") if m.curve("active", r, "accuracy")]
     if not strategies:
         return False
+    from matplotlib.patches import Patch
+
     figure = _figure()
     axes = figure.add_subplot()
     for strategy in strategies:
@@ -387,14 +420,17 @@ def plot_active(m: Metrics, path: Path) -> bool:
         std = dict(m.curve("active", strategy, "accuracy_std"))
         x = [p for p, _ in curve]
         y = [v for _, v in curve]
-        axes.plot(x, y, "-" if "dopt" in strategy else "--", marker="o", markersize=3,
-                  label=strategy)
+        line, = axes.plot(x, y, "-" if "dopt" in strategy else "--", marker="o", markersize=3,
+                          label=f"{strategy} (mean over seeds)")
         axes.fill_between(x, [v - std.get(p, 0) for p, v in curve],
-                          [v + std.get(p, 0) for p, v in curve], alpha=0.12)
+                          [v + std.get(p, 0) for p, v in curve], alpha=0.12,
+                          color=line.get_color())
     axes.set_xlabel("labels used")
     axes.set_ylabel("held-out accuracy vs gold")
     axes.set_title("Label efficiency: active selection against random")
-    axes.legend(fontsize=8)
+    handles, _ = axes.get_legend_handles_labels()
+    band = Patch(color="gray", alpha=0.25, label="shaded: mean +- std over seeds")
+    axes.legend(handles=handles + [band], fontsize=8)
     return _save(figure, path)
 
 

@@ -15,10 +15,13 @@ from rlengine.reward.config import RewardTrainerConfig
 from rlengine.reward.job import SYNTHETIC, RewardJobConfig, build_job
 
 
-def add_parsers(commands) -> None:
+def add_parser(commands, name: str, summary: str) -> None:
+    {"train-rm": _add_train_rm, "strength": _add_strength}[name](commands, name, summary)
+
+
+def _add_train_rm(commands, name: str, summary: str) -> None:
     train = commands.add_parser(
-        "train-rm", help="train a reward model (BT with strength, denoising, contrastive, "
-                         "MetaRM and segment options)",
+        name, help=summary,
         description="Train a reward model. Options come from --config (YAML, option: value), "
                     "then from the flags below, which override it (--print-config shows the "
                     "result). Writes checkpoints, metrics.jsonl (and TensorBoard logs), the "
@@ -32,8 +35,10 @@ def add_parsers(commands) -> None:
     _common(train)
     train.set_defaults(run=run_train_rm)
 
+
+def _add_strength(commands, name: str, summary: str) -> None:
     strength = commands.add_parser(
-        "strength", help="preference strength by voting: M reward models differing by seed",
+        name, help=summary,
         description="Train --voters reward models that differ only by seed, score every "
                     "training pair with each, and write the pairs with columns strength_mu, "
                     "strength_sigma and strength_d0..d{M-1} to OUTPUT_DIR/strength.jsonl; "

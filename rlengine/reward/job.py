@@ -32,6 +32,8 @@ from rlengine.data.loaders import load_preferences, load_samples
 from rlengine.data.tokenizer import example_texts, load_tokenizer, train_text_tokenizer
 from rlengine.data.types import PreferencePair
 from rlengine.reward.model import RewardModel
+from rlengine.threads import THREADS_HELP
+from rlengine.threads import configure as configure_threads
 
 SYNTHETIC = "synthetic"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -72,7 +74,7 @@ class RewardJobConfig:
     synthetic_init: Literal["sft", "random"] = option("sft", "synthetic: start the reward model "
                                                              "from the SFT policy or at random")
     model_seed: int = option(0, "seed of a randomly initialised backbone")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)")
 
     def __post_init__(self) -> None:
@@ -108,8 +110,7 @@ def build_job(config: RewardJobConfig, *, need_entropy: bool = False, need_meta:
     """The data, tokenizer, model factory, entropy model (``need_entropy``: segment scores) and
     MetaRM meta set (``need_meta``) that ``config`` names; a ConfigError for a combination that
     cannot work."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    configure_threads(config.threads, log=log)
     synthetic_data = config.train == SYNTHETIC
     synthetic_model = config.model == SYNTHETIC
     # the task: the data's source, or the language of a file written from it (`rlengine

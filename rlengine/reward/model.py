@@ -10,11 +10,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PreTrainedModel
 
 from rlengine import ops
 
@@ -48,6 +50,8 @@ class RewardModel(torch.nn.Module):
 
     def __init__(self, backbone: PreTrainedModel, *, head_init_std: float | None = None):
         super().__init__()
+        from transformers import PreTrainedModel
+
         if not isinstance(backbone, PreTrainedModel):
             raise TypeError(f"backbone must be a transformers PreTrainedModel, got "
                             f"{type(backbone).__name__}")
@@ -132,6 +136,8 @@ class RewardModel(torch.nn.Module):
         """A fresh reward model on a pretrained backbone: a local ``transformers`` checkpoint
         (a base model or a ``*ForCausalLM``, whose LM head is dropped), loaded with
         ``AutoModel.from_pretrained(path, **from_pretrained_kwargs)``."""
+        from transformers import AutoModel
+
         backbone = AutoModel.from_pretrained(path, **from_pretrained_kwargs)
         return cls(backbone, head_init_std=head_init_std)
 
@@ -212,6 +218,8 @@ def export_sequence_classifier(reward_model: RewardModel, out_dir: str | Path,
     config.num_labels = 1
     config.pad_token_id = pad_token_id
     config.architectures = None
+    from transformers import AutoModelForSequenceClassification
+
     classifier = AutoModelForSequenceClassification.from_config(config)
     head = getattr(classifier, "score", None)
     if not (isinstance(head, torch.nn.Linear) and head.bias is None):

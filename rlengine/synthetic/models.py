@@ -5,19 +5,12 @@ in seconds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2Model,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "gpt2")
 
@@ -50,6 +43,8 @@ class ModelConfig:
 def transformers_config(config: ModelConfig,
                         tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """The `transformers` config of a tiny model whose vocabulary is the tokenizer's."""
+    from transformers import GPT2Config, LlamaConfig
+
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if config.architecture == "llama":
@@ -76,6 +71,8 @@ def make_causal_lm(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
                    seed: int) -> PreTrainedModel:
     """A randomly initialised causal LM (LlamaForCausalLM or GPT2LMHeadModel), weights a pure
     function of ``seed``."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
     hf_config = transformers_config(config, tokenizer)
     cls = LlamaForCausalLM if config.architecture == "llama" else GPT2LMHeadModel
     return _seeded(lambda: cls(hf_config), seed)
@@ -85,6 +82,8 @@ def make_base_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast,
                     seed: int) -> PreTrainedModel:
     """The causal LM's body without its LM head (LlamaModel or GPT2Model): the backbone a reward
     model puts its head on. Its output's ``last_hidden_state`` is ``[B, T, hidden_size]``."""
+    from transformers import GPT2Model, LlamaModel
+
     hf_config = transformers_config(config, tokenizer)
     cls = LlamaModel if config.architecture == "llama" else GPT2Model
     return _seeded(lambda: cls(hf_config), seed)

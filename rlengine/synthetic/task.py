@@ -22,10 +22,10 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rlengine.data.types import (
     Demonstration,
@@ -44,6 +44,9 @@ from rlengine.synthetic.vocabulary import (
     build_tokenizer,
     vocabulary,
 )
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,17 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rlengine import ops
 from rlengine.data.types import PreferencePair
+from rlengine.policy.rollout import decode_step
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PreTrainedModel
 
 IGNORE = -100
 
@@ -41,12 +46,6 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids, mask
-
-
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    # Positions count real tokens only, so a left-padded prompt sees the same positions as an
-    # unpadded one (llama's rotary positions and gpt2's learned ones alike).
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _row_seed(seed: int, index: int) -> int:
@@ -86,13 +85,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts
                            for i in range(len(rows))]
             finished = torch.zeros(len(rows), dtype=torch.bool)
             new_tokens = []
-            step_ids, past = ids, None
+            step_ids, cache = ids, None
             for _ in range(max_new_tokens):
-                positions = _position_ids(mask)[:, -step_ids.shape[1]:]
-                out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1].float()
+                logits, cache = decode_step(model, step_ids, mask, cache)
+                logits = logits[:, -1].float()
                 logits[:, banned] = float("-inf")
                 if greedy:
                     token = logits.argmax(-1)

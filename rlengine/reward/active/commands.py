@@ -16,6 +16,8 @@ from rlengine import configs
 from rlengine.configs import option
 from rlengine.data.sources import DataFormatError
 from rlengine.files import atomic_write
+from rlengine.threads import THREADS_HELP
+from rlengine.threads import configure as configure_threads
 
 SYNTHETIC = "synthetic"
 POLICY = "policy"
@@ -38,7 +40,7 @@ class EmbeddingOptions:
                                           "from its left (default: 256, or the model's "
                                           "positions if fewer)")
     cache_dir: str | None = option(_default_cache(), "embedding cache folder (none: no cache)")
-    threads: int = option(0, "CPU threads (0: torch's default)")
+    threads: int = option(0, THREADS_HELP)
 
 
 @dataclass
@@ -104,9 +106,13 @@ class SelectOptions:
     seed: int = option(0, "seed of the model fit and of random choices")
 
 
-def add_parsers(commands) -> None:
+def add_parser(commands, name: str, summary: str) -> None:
+    {"active-sim": _add_active_sim, "select": _add_select}[name](commands, name, summary)
+
+
+def _add_active_sim(commands, name: str, summary: str) -> None:
     sim = commands.add_parser(
-        "active-sim", help="active reward modeling: strategies compared over labelling rounds",
+        name, help=summary,
         description="The active reward modeling loop (Fisher-information selection and its "
                     "baselines) with a simulated annotator on the synthetic task, or with "
                     "revealed labels on real preference pairs. Writes results.json, "
@@ -114,8 +120,11 @@ def add_parsers(commands) -> None:
                     "seeds) to --out-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _options(sim, SimOptions, "simulation", run_active_sim)
+
+
+def _add_select(commands, name: str, summary: str) -> None:
     sel = commands.add_parser(
-        "select", help="choose the pairs to label next from an unlabelled pool",
+        name, help=summary,
         description="One round of a real labelling campaign: fit the preference model on the "
                     "labels so far (if any), score every candidate pair of the pool with the "
                     "strategy, and write the --budget best as JSON lines {rank, score, "
@@ -145,7 +154,11 @@ def _embedder(options: EmbeddingOptions, *, synthetic_task=None):
         length = options.max_length or min(256, policy.config.max_position_embeddings)
         return Embedder(policy, synthetic_task.tokenizer, "synthetic-sft",
                         options.pooling or "last", length)
-    return load_embedder(name, pooling=options.pooling, max_length=options.max_length)
+    try:
+        return load_embedder(name, pooling=options.pooling, max_length=options.max_length,
+                             fetch=print)
+    except FileNotFoundError as error:
+        raise configs.ConfigError(str(error)) from None
 
 
 def run_active_sim(args: argparse.Namespace) -> int:
@@ -155,8 +168,7 @@ def run_active_sim(args: argparse.Namespace) -> int:
 
     (o, fit, e), _ = configs.from_sources([SimOptions, FitOptions, EmbeddingOptions], args,
                                           config_path=args.config)
-    if e.threads:
-        torch.set_num_threads(e.threads)
+    configure_threads(e.threads, log=print)
     if o.data == SYNTHETIC:
         from rlengine.synthetic import SyntheticTask
 
@@ -233,8 +245,7 @@ def run_select(args: argparse.Namespace) -> int:
 
     (o, fit, e), _ = configs.from_sources([SelectOptions, FitOptions, EmbeddingOptions], args,
                                           config_path=args.config)
-    if e.threads:
-        torch.set_num_threads(e.threads)
+    configure_threads(e.threads, log=print)
     if not o.pool:
         raise configs.ConfigError("--pool is required (the unlabelled candidates)")
     if o.strategy not in STRATEGIES:

