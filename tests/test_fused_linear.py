@@ -338,7 +338,9 @@ def _check_adversarial(device):
     bias[::7] = -math.inf                        # -inf logits (banned tokens): p = 0 there
     labels[labels % 7 == 0] += 1
     labels[0] = 7                                # a label whose logit is -inf: -inf log-prob
-    hidden[1] *= 300                             # huge logits: one-hot softmax, entropy ~ 0
+    # huge logits, one far above the rest: a one-hot softmax, entropy ~ 0 (scaling a random
+    # row instead leaves its top two logits as close as they were drawn)
+    hidden[1] = 300 * weight[1] / weight[1].norm()
     hidden[2] = 0                                # logits = bias: spread over the finite ones
     labels[5:9] = IGNORE
     lp, ent = _check_forward_backward(hidden.to(device), weight.to(device), labels.to(device),
