@@ -13,6 +13,10 @@ settings.register_profile(
 )
 settings.load_profile("rlengine")
 
+# tests/integrations/<trainer>/ import the trainer: tests/test_integrations.py runs them inside
+# that trainer's own virtual environment (RLENGINE_TRAINER_ENV set there).
+collect_ignore = [] if os.environ.get("RLENGINE_TRAINER_ENV") else ["integrations"]
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
