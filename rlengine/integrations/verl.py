@@ -87,8 +87,9 @@ def _kernel_registered(op: str, device_type: str) -> bool:
 
 def _binary_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """``mask`` as bool where every entry is 0 or 1 (veRL's masks multiply, so any other value
-    weights a position); None otherwise. Three reductions, no copy: entries within [0, 1] whose
-    sum equals the number of nonzero ones are all 0 or 1 (NaN fails the range test)."""
+    weights a position); None otherwise. Reductions only (the range; for a float mask also the
+    sum and the nonzero count: entries within [0, 1] whose sum equals the number of nonzero ones
+    are all 0 or 1), then one comparison; NaN fails the range test."""
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or mask.numel() == 0:
