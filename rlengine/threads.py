@@ -8,7 +8,8 @@ One rule for every command, in this order:
    busy, fewer, because every parallel region ends at a barrier that waits for its slowest
    thread, and a thread that shares its core with another process runs only part of the time
    (measured on 2 cores with one of them busy: ``rlengine quickstart --fast`` and the ops ran
-   several times slower on 2 threads than on 1; bench/results/threads-*.md).
+   several times slower on 2 threads than on 1: bench/results/quickstart-threads-*.md and
+   ops-threads-contention-*.md).
 4. A library caller (no ``rlengine`` command): torch's own setting, untouched.
 
 The command also shortens how long an idle OpenMP thread spins before it sleeps
@@ -117,9 +118,8 @@ def automatic_threads() -> ThreadChoice:
     # machine that nothing runs on, of which this process may use at most `usable`
     free = (os.cpu_count() or usable) - busy
     threads = max(1, min(usable, int(free + 0.5)))
-    if threads == usable:
-        return ThreadChoice(threads, f"{usable} usable CPUs, none busy")
-    return ThreadChoice(threads, f"{usable} usable CPUs, {busy:.1f} busy with other work")
+    load = "none busy" if busy < 0.5 else f"{busy:.1f} busy with other work"
+    return ThreadChoice(threads, f"{usable} usable CPUs, {load}")
 
 
 def choose(requested: int = 0) -> ThreadChoice:

@@ -224,3 +224,14 @@ def test_the_kernel_finding_does_not_call_the_same_speed_faster():
     assert _speedup_summary([1.0, 2.5, 731.2, 0.5]) == (
         "2 of the 4 fused ops ran faster than their eager PyTorch equivalents (2.5x to "
         "731.2x); 1 about as fast (1.00x to 1.00x); 1 slower (0.50x to 0.50x)")
+
+
+@pytest.mark.parametrize("command", ["quickstart", "sft"])
+def test_negative_threads_are_one_line(tmp_path, command):
+    """One rule for every command (rlengine.threads): a negative count is a ConfigError."""
+    out = ["--out", str(tmp_path / "q")] if command == "quickstart" else \
+        ["--output-dir", str(tmp_path / "o")]
+    result = _run(command, "--threads", "-1", *out)
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result.stderr) == (f"rlengine {command}: error: threads must be >= 0 "
+                                        f"(0: automatic), got -1")

@@ -37,7 +37,7 @@ def add_parser(commands, name: str, summary: str) -> None:
                              "up to date ('all': every stage)")
     parser.add_argument("--only", default="", metavar="STAGES",
                         help="run only these stages (the others' saved outputs are used)")
-    parser.add_argument("--threads", type=_threads, default=0,
+    parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (default 0: the CPUs that other work leaves free, "
                              "chosen at the start)")
     parser.add_argument("--progress", type=_bool, default=True,
@@ -52,16 +52,6 @@ def _bool(text: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: automatic), got {value}")
-    return value
 
 
 def _stage_names() -> list[str]:
